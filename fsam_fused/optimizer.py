@@ -1,0 +1,410 @@
+"""FriendlySAM and SAM: drop-in optimizers over fused backends.
+
+The optimizer owns parameter groups, state and the order of calls; the backends only
+compute (DESIGN.md section 2). One step is
+
+    loss.backward(); opt.first_step(zero_grad=True)     # perturb: p <- p + e
+    loss_fn(model(x), y).backward(); opt.second_step()   # restore p, base step
+
+and nothing in either half reads a value back to the host, except the one documented
+case in ``second_step`` (a non-fused base optimizer and the skip-on-non-finite rule).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
+from .state import DeviceState, is_dense
+
+_HPARAMS = ("rho", "sigma", "lmbda", "adaptive")
+
+
+def _check_hparams(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) -> None:
+    for name, value in (("rho", rho), ("sigma", sigma), ("lmbda", lmbda)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number{where}, got {type(value).__name__}")
+        if value != value:
+            raise ValueError(f"{name} must not be NaN{where}")
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0{where}, got {rho}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0{where}, got {sigma}")
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda must lie in [0, 1]{where}, got {lmbda}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
+
+
+class FriendlySAM(torch.optim.Optimizer):
+    """Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
+
+    A drop-in for the authors' ``FriendlySAM``: the same constructor, methods and
+    ``state[p]["momentum"]``. ``base_optimizer`` is a class (e.g. ``torch.optim.SGD``)
+    built on this optimizer's param groups with the remaining keyword arguments, so LR
+    schedulers work on either object.
+
+    Args:
+        params: parameters or param-group dicts; groups may set ``rho``, ``sigma``,
+            ``lmbda`` and ``adaptive`` (changeable between steps).
+        base_optimizer: optimizer class used for the update at the perturbed point.
+        rho: neighbourhood radius.
+        sigma: weight of the gradient EMA subtracted from the gradient (0 is SAM).
+        lmbda: EMA decay of the gradient momentum.
+        adaptive: ASAM's element-wise scaling by ``|p|``.
+        eps: added to the global norm before dividing.
+        backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        **base_optimizer_kwargs: passed to ``base_optimizer``.
+
+    A step whose gradients hold a NaN or Inf (or whose squared norm overflows) is
+    skipped whole: parameters, momentum and the base optimizer's state stay as they
+    were, and :attr:`skipped_steps` counts it.
+    """
+
+    _uses_momentum = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        adaptive: bool = False,
+        *,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        **base_optimizer_kwargs: Any,
+    ) -> None:
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
+                f"built on this optimizer's param groups), got {base_optimizer!r}"
+            )
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        backends.check_name(backend)
+        _check_hparams("", rho, sigma, lmbda, adaptive)
+        self._base_built = False
+        defaults = dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive, **base_optimizer_kwargs)
+        super().__init__(params, defaults)
+        base = base_optimizer(self.param_groups, **base_optimizer_kwargs)
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}")
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self._base_built = True
+        self.eps = float(eps)
+        self.backend = backend
+        if backend != backends.AUTO and backend != backends.REFERENCE:
+            backends.resolve(backend, self._main_device().type)
+        self._perturbed = False
+        self._found_inf: Tensor | None = None
+        self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
+        self._reference_backups: dict[Tensor, Tensor] = {}
+        self._invalidate()
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its missing ``rho``/``sigma``/``lmbda``/``adaptive`` take the defaults."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError("complex parameters are not supported: split them with torch.view_as_real")
+            if isinstance(p, Tensor) and not p.dtype.is_floating_point:
+                raise ValueError(f"parameters must be floating point, got {p.dtype}")
+        for key in _HPARAMS:
+            param_group.setdefault(key, self.defaults[key])
+        _check_hparams(" (in a param group)", *(param_group[k] for k in _HPARAMS))
+        if self._base_built:
+            self.base_optimizer.add_param_group(param_group)
+            self._invalidate()
+        else:
+            super().add_param_group(param_group)
+
+    def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:
+        rho, sigma, lmbda, adaptive = (group[k] for k in _HPARAMS)
+        _check_hparams(f" (param group {index})", rho, sigma, lmbda, adaptive)
+        return float(rho), float(sigma), float(lmbda), adaptive
+
+    def _main_device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    # ------------------------------------------------------------------ state
+    def _invalidate(self) -> None:
+        """Forget flat buffers and plans; they are rebuilt, keeping state, on the next step."""
+        self._states: dict[torch.device, DeviceState] | None = None
+        self._plans: dict[tuple, tuple[ModuleType, DevicePlan]] = {}
+        self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
+
+    def _device_states(self) -> dict[torch.device, DeviceState]:
+        if self._states is None:
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if not is_dense(p):
+                        raise ValueError(
+                            "parameters must be dense (contiguous or a permutation of contiguous, "
+                            f"such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
+                        )
+                    by_device.setdefault(p.device, []).append(p)
+            self._states = {
+                device: DeviceState(params, with_momentum=self._uses_momentum)
+                for device, params in by_device.items()
+            }
+            for state in self._states.values():
+                self._adopt_state(state)
+        return self._states
+
+    def _adopt_state(self, state: DeviceState) -> None:
+        """Move momentum found in ``self.state`` into the flat buffers, then expose views."""
+        if state.momentum is None:
+            return
+        for slot, p in enumerate(state.params):
+            entry = self.state[p]
+            if "momentum" in entry:
+                state.momentum[slot].copy_(entry["momentum"])
+                state.seeded[slot].copy_(torch.as_tensor(entry.get("momentum_seeded", 1.0)))
+            entry["momentum"] = state.momentum[slot]
+            entry["momentum_seeded"] = state.seeded[slot]
+
+    def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
+        """The fp32 ``[groups, 4]`` hyperparameter table on ``device``, copied only on change."""
+        key = tuple(hparams)
+        cached = self._tables.get(device)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows = torch.tensor([[float(v) for v in h] for h in hparams], dtype=torch.float32)
+        assert rows.shape[1] == COEF_COLUMNS
+        table = cached[1] if cached is not None else torch.empty_like(rows, device=device)
+        table.copy_(rows)
+        self._tables[device] = (key, table)
+        return table
+
+    def _step_plans(self) -> list[tuple[ModuleType, DevicePlan]]:
+        states = self._device_states()
+        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
+        members: dict[tuple, tuple[list[int], list[int], list[Tensor]]] = {}
+        chosen: dict[str, ModuleType] = {}
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; use dense "
+                        "gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+                if grad.stride() != p.stride():
+                    grad = torch.empty_like(p).copy_(grad)
+                device_type = p.device.type
+                if device_type not in chosen:
+                    chosen[device_type] = backends.resolve(self.backend, device_type)
+                backend = chosen[device_type]
+                if not backend.supports(p.dtype):
+                    backend = backends.resolve("torch", device_type)
+                state = states[p.device]
+                slots, groups, grads = members.setdefault((p.device, backend.name), ([], [], []))
+                slots.append(state.slot_of[p])
+                groups.append(group_index)
+                grads.append(grad)
+        plans = []
+        for (device, backend_name), (slots, groups, grads) in members.items():
+            key = (device, backend_name, tuple(slots), tuple(groups))
+            if key not in self._plans:
+                self._plans[key] = (
+                    backends.resolve(backend_name, device.type),
+                    build_plan(states[device], slots, groups, self.eps),
+                )
+            backend, plan = self._plans[key]
+            plan.grads = grads
+            plan.group_hparams = hparams
+            refresh_coefficients(plan, self._group_table(device, hparams))
+            plans.append((backend, plan))
+        return plans
+
+    # ------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move every parameter with a gradient to its perturbed point ``p + e``."""
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(); the order is "
+                "first_step(), a second forward/backward, then second_step()"
+            )
+        main = self._main_device()
+        if self.backend == backends.REFERENCE:
+            skipped = reference.first_step(
+                self.param_groups,
+                self.state,
+                self._reference_backups,
+                eps=self.eps,
+                with_momentum=self._uses_momentum,
+            )
+            found_inf = torch.tensor(float(skipped), device=main)
+            self._current_plans: list[tuple[ModuleType, DevicePlan]] = []
+        else:
+            plans = self._step_plans()
+            total = torch.zeros((), dtype=torch.float32, device=main)
+            for backend, plan in plans:
+                total = total + backend.sq_norm(plan).to(main)
+            total = self._reduce_sq_norm(total)
+            step_ok = torch.isfinite(total)
+            for backend, plan in plans:
+                backend.perturb_(plan, total.to(plan.device))
+                mark_seeded(plan, step_ok.to(device=plan.device, dtype=torch.float32))
+            found_inf = (~step_ok).float()
+            self._current_plans = plans
+        self._found_inf = found_inf
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    def _reduce_sq_norm(self, total: Tensor) -> Tensor:
+        """The squared norm over all devices of this process; distributed code extends it."""
+        return total
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the parameters saved by :meth:`first_step`, then run the base optimizer."""
+        if not self._perturbed:
+            raise RuntimeError(
+                "second_step() was called without a preceding first_step(); the order is "
+                "first_step(), a second forward/backward, then second_step()"
+            )
+        if self.backend == backends.REFERENCE:
+            reference.restore(self._reference_backups)
+        else:
+            for backend, plan in self._current_plans:
+                backend.restore_(plan)
+        self._base_step(self._found_inf)
+        self._skipped += self._found_inf.to(self._skipped.device)
+        self._perturbed = False
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_step(self, found_inf: Tensor) -> None:
+        base = self.base_optimizer
+        if getattr(base, "_step_supports_amp_scaling", False):
+            # Fused PyTorch optimizers skip on a device-side flag, as GradScaler drives them.
+            base.found_inf = found_inf
+            try:
+                base.step()
+            finally:
+                base.found_inf = None
+        elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
+            base.step()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
+
+        Call it after the first forward/backward, as with the authors' optimizer; the
+        closure runs with gradients enabled and its return value is returned.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that runs the forward and "
+                "backward pass at the perturbed point; or call first_step() and second_step()"
+            )
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite gradients (reading it syncs)."""
+        return int(self._skipped.item())
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Our state (``momentum`` per parameter), the param groups, and the base optimizer's state."""
+        state_dict = super().state_dict()
+        state_dict["base_optimizer"] = self.base_optimizer.state_dict()
+        state_dict["fsam_fused"] = {"skipped_steps": self._skipped.clone()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer, or of the authors' ``FriendlySAM``.
+
+        Momentum stays fp32 whatever the parameter dtype. A checkpoint without the base
+        optimizer's state (the authors' format) leaves the base optimizer's state empty.
+        """
+        if self._perturbed:
+            raise RuntimeError("load_state_dict() between first_step() and second_step() is not supported")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        id_to_param: dict[int, Tensor] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError("state_dict param groups do not match this optimizer's in size")
+            id_to_param.update(zip(saved["params"], group["params"]))
+        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, entry in state_dict["state"].items():
+            p = id_to_param[key]
+            if not (self._uses_momentum and "momentum" in entry):
+                continue
+            seeded = torch.as_tensor(entry.get("momentum_seeded", 1.0)).float().clone()
+            if self.backend == backends.REFERENCE and not bool(seeded):
+                continue  # the reference loop keeps momentum only once it is seeded
+            new_state[p]["momentum"] = entry["momentum"].to(device=p.device, dtype=torch.float32, copy=True)
+            if self.backend != backends.REFERENCE:
+                new_state[p]["momentum_seeded"] = seeded
+        if "base_optimizer" in state_dict:
+            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+            self.param_groups = self.base_optimizer.param_groups
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = new_state
+        extra = state_dict.get("fsam_fused", {})
+        self._skipped = torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
+        self._invalidate()
+        if self.backend != backends.REFERENCE:
+            self._device_states()
+
+
+class SAM(FriendlySAM):
+    """Sharpness-Aware Minimization (Foret et al., ICLR 2021), fused.
+
+    A drop-in for the widely used PyTorch ``SAM`` wrapper: F-SAM with ``sigma = 0``,
+    keeping no momentum at all. ``adaptive=True`` is ASAM.
+    """
+
+    _uses_momentum = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        **base_optimizer_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive,
+            eps=eps, backend=backend, **base_optimizer_kwargs,
+        )
+
+    def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:
+        rho, _, _, adaptive = super()._hparams(index, group)
+        return rho, 0.0, 0.0, adaptive

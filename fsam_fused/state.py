@@ -1,0 +1,79 @@
+"""Per-device optimizer state kept in flat buffers.
+
+Every parameter on a device owns a *slot*: a fixed range of a flat fp32 momentum buffer
+and of a flat backup buffer in the parameter's dtype. The per-parameter tensors that
+users and ``state_dict`` see are views of those ranges, shaped and strided like the
+parameter, so one kernel launch can walk the whole model while checkpoints keep the
+per-parameter layout of the authors' optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its storage range without gaps or overlaps.
+
+    Such a tensor (contiguous, channels_last, any permutation of a contiguous tensor)
+    can be processed as flat memory, and a buffer laid out in the same memory order
+    can be viewed with the same strides.
+    """
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda s: s[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
+    """A view of ``flat[offset:offset + like.numel()]`` with ``like``'s shape and strides."""
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
+
+
+class DeviceState:
+    """Flat state buffers for the parameters of one device.
+
+    ``momentum`` is fp32 and zero until a parameter's first finite step seeds it;
+    ``seeded`` holds one fp32 flag (0 or 1) per slot, kept on the device so that a
+    skipped (non-finite) step can leave a parameter unseeded without a host sync.
+    """
+
+    def __init__(self, params: list[Tensor], *, with_momentum: bool) -> None:
+        assert params, "a DeviceState needs at least one parameter"
+        self.device = params[0].device
+        self.params = params
+        self.slot_of = {p: i for i, p in enumerate(params)}
+        self.offsets: list[int] = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        self.momentum_flat = (
+            torch.zeros(total, dtype=torch.float32, device=self.device) if with_momentum else None
+        )
+        self.seeded = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        self.momentum = (
+            [view_like(self.momentum_flat, o, p) for p, o in zip(params, self.offsets)]
+            if self.momentum_flat is not None
+            else None
+        )
+        # The backup is kept in each parameter's own dtype so that restoring is a copy.
+        backup_numel: dict[torch.dtype, int] = {}
+        backup_offsets = []
+        for p in params:
+            backup_offsets.append(backup_numel.get(p.dtype, 0))
+            backup_numel[p.dtype] = backup_offsets[-1] + p.numel()
+        self.backup_flat = {
+            dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in backup_numel.items()
+        }
+        self.backup = [
+            view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)
+        ]
