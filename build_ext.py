@@ -1,0 +1,115 @@
+"""How setup.py builds the extension ``fsam_fused._C`` from csrc/.
+
+The CPU ops are always built. The CUDA ops are added when the CUDA toolkit (nvcc) and a
+CUDA build of torch are both present, whether or not a GPU is visible; a toolkit that
+is present but fails to compile the sources fails the build, so CI sees it.
+
+Environment:
+  FSAM_FUSED_NO_EXT=1    install pure Python (no extension; the torch/triton backends only).
+  FSAM_FUSED_CUDA=0|1    force the CUDA ops off, or on (an error if they cannot be built).
+  TORCH_CUDA_ARCH_LIST   CUDA targets, e.g. "8.0;8.9;9.0;10.0;12.0+PTX"; when unset and no
+                         GPU is visible, DEFAULT_CUDA_ARCHS (a short list keeps CI builds quick).
+  MAX_JOBS               parallel compile jobs (ninja).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's builds
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+
+def _flag(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value not in (None, "", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value or None
+
+
+def _want_cuda() -> bool:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    forced = _flag("FSAM_FUSED_CUDA")
+    possible = CUDA_HOME is not None and torch.version.cuda is not None
+    if forced == "1" and not possible:
+        raise RuntimeError(
+            "FSAM_FUSED_CUDA=1 but the CUDA ops cannot be built: "
+            f"nvcc found at {CUDA_HOME!r}, torch CUDA version {torch.version.cuda!r}. Install the CUDA "
+            "toolkit matching torch (or set CUDA_HOME) and a CUDA build of torch, or unset FSAM_FUSED_CUDA."
+        )
+    return possible if forced is None else forced == "1"
+
+
+def _cuda_arch_list() -> str:
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    return os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def _pip_cuda_dirs() -> tuple[list[str], list[str], list[str]]:
+    """Include dirs, library dirs and link args for a toolkit that lacks what ATen needs.
+
+    ATen's CUDA headers include cuSPARSE/cuBLAS headers, and torch links cudart; pip's
+    nvidia wheels carry both (the runtime only as a versioned ``libcudart.so.N``).
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    include_dirs: list[str] = []
+    library_dirs: list[str] = []
+    link_args: list[str] = []
+    site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
+    toolkit = Path(CUDA_HOME)
+    if not (toolkit / "include" / "cusparse.h").exists():
+        include_dirs += [str(p.parent) for p in sorted(site.glob("*/include/cusparse.h"))]
+    if not any((toolkit / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
+        for lib in sorted(site.glob("*/lib/libcudart.so.*")):
+            library_dirs.append(str(lib.parent))
+            link_args.append(f"-l:{lib.name}")
+    return include_dirs, library_dirs, link_args
+
+
+def extensions() -> list:
+    """The setuptools extensions to build (none with FSAM_FUSED_NO_EXT=1)."""
+    if _flag("FSAM_FUSED_NO_EXT") == "1":
+        return []
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not _want_cuda():
+        return [CppExtension("fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS},
+                             extra_link_args=["-fopenmp"])]
+    archs = _cuda_arch_list()
+    include_dirs, library_dirs, link_args = _pip_cuda_dirs()
+    define = [("FSAM_FUSED_CUDA_ARCHS", f'"{archs}"')]
+    return [
+        CUDAExtension(
+            "fsam_fused._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=include_dirs,
+            library_dirs=library_dirs,
+            define_macros=define,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=["-fopenmp", *link_args],
+        )
+    ]
+
+
+def cmdclass() -> dict:
+    """BuildExtension (ninja, torch's flags) when an extension is built."""
+    if _flag("FSAM_FUSED_NO_EXT") == "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension}

@@ -1,0 +1,109 @@
+// fsam_fused::perturb_ on the CPU: one pass per element writing backup, momentum and p.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "../fsam_math.h"
+#include "../tensor_lists.h"
+#include "flat_walk.h"
+
+namespace fsam_fused::cpu {
+namespace {
+
+struct PieceArgs {
+  void* p;
+  const void* g;
+  float* m;
+  void* backup;
+  int64_t n;
+  TensorCoef coef;
+  float scale;
+  float inv_scale;
+};
+
+template <typename T, bool HasMomentum, bool Adaptive>
+void perturb_piece(const PieceArgs& a) {
+  T* __restrict p = static_cast<T*>(a.p);
+  const T* __restrict g = static_cast<const T*>(a.g);
+  float* __restrict m = a.m;
+  T* __restrict backup = static_cast<T*>(a.backup);
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T old = p[i];
+    backup[i] = old;
+    const float grad = static_cast<float>(g[i]) * a.inv_scale;
+    float d = grad;
+    if constexpr (HasMomentum) {
+      d = direction(grad, m[i], a.coef.sigma);
+      m[i] = ema(m[i], grad, a.coef.lmbda);
+    }
+    p[i] = static_cast<T>(perturbed(static_cast<float>(old), d, a.scale, Adaptive));
+  }
+}
+
+void perturb_piece_dispatch(at::ScalarType dtype, bool has_momentum, const PieceArgs& a) {
+  dispatch_param_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    dispatch_bool(has_momentum, [&](auto with_m) {
+      dispatch_bool(a.coef.adaptive, [&](auto is_adaptive) {
+        perturb_piece<T, decltype(with_m)::value, decltype(is_adaptive)::value>(a);
+      });
+    });
+  });
+}
+
+void perturb_(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    at::TensorList backup,
+    const at::Tensor& coef,
+    const at::Tensor& total_sq_norm,
+    double eps,
+    const std::optional<at::Tensor>& inv_scale) {
+  check_lists("perturb_", params, grads, momentum, backup, coef);
+  TORCH_CHECK(backup.size() == params.size(), "perturb_: backup has ", backup.size(), " tensors, params has ", params.size());
+  check_scalar("perturb_", "total_sq_norm", total_sq_norm, params);
+  if (inv_scale.has_value()) {
+    check_scalar("perturb_", "inv_scale", *inv_scale, params);
+  }
+  const float total = total_sq_norm.item<float>();
+  // A non-finite norm makes the step a no-op for p and m; the backup is still taken so
+  // that restore_ stays unconditional.
+  const bool step_ok = std::isfinite(total);
+  const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
+  const float* coef_data = coef.data_ptr<float>();
+  const std::vector<int64_t> starts = flat_starts(params);
+
+  at::parallel_for(0, starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for_each_piece(starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+      const size_t elem = params[i].element_size();
+      char* p = static_cast<char*>(params[i].data_ptr()) + lo * elem;
+      char* b = static_cast<char*>(backup[i].data_ptr()) + lo * elem;
+      if (!step_ok) {
+        std::memcpy(b, p, (hi - lo) * elem);
+        return;
+      }
+      const TensorCoef c = read_coef(coef_data, static_cast<int64_t>(i));
+      const PieceArgs a{
+          p,
+          static_cast<const char*>(grads[i].data_ptr()) + lo * elem,
+          momentum.empty() ? nullptr : data_at<float>(momentum[i], lo),
+          b,
+          hi - lo,
+          c,
+          step_scale(total, c.rho, static_cast<float>(eps)),
+          unscale};
+      perturb_piece_dispatch(params[i].scalar_type(), !momentum.empty(), a);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
+  m.impl("perturb_", &perturb_);
+}
+
+}  // namespace fsam_fused::cpu

@@ -1,0 +1,131 @@
+// fsam_fused::sq_norm on the CPU.
+//
+// Deterministic whatever the thread count: the flat index space is cut into slices whose
+// bounds depend only on the total size; each slice is summed by one thread in a fixed
+// order (fp32 lanes over short inner blocks, each block added into a double), and the
+// slice partials are added in slice order. The partials live on the stack.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "../fsam_math.h"
+#include "../tensor_lists.h"
+#include "flat_walk.h"
+
+namespace fsam_fused::cpu {
+namespace {
+
+constexpr int64_t kMaxSlices = 256;
+constexpr int64_t kMinSlice = int64_t{1} << 15;
+// Independent fp32 accumulators: enough for the compiler to fill vector registers
+// without reassociating a single sum.
+constexpr int kLanes = 16;
+// Elements summed in fp32 before the block is added into the double total.
+constexpr int64_t kInnerBlock = 4096;
+
+struct PieceArgs {
+  const void* p;
+  const void* g;
+  const float* m;
+  int64_t n;
+  float sigma;
+  float inv_scale;
+};
+
+template <typename T, bool HasMomentum, bool Adaptive>
+double piece_sq_norm(const PieceArgs& a) {
+  const T* __restrict p = static_cast<const T*>(a.p);
+  const T* __restrict g = static_cast<const T*>(a.g);
+  const float* __restrict m = a.m;
+  auto term = [&](int64_t i) {
+    const float d = direction(static_cast<float>(g[i]) * a.inv_scale, HasMomentum ? m[i] : 0.0f, a.sigma);
+    return norm_term(Adaptive ? static_cast<float>(p[i]) : 0.0f, d, Adaptive);
+  };
+  double total = 0.0;
+  for (int64_t start = 0; start < a.n; start += kInnerBlock) {
+    const int64_t end = std::min(a.n, start + kInnerBlock);
+    std::array<float, kLanes> lanes{};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes[j] += term(i + j);
+      }
+    }
+    float tail = 0.0f;
+    for (; i < end; ++i) {
+      tail += term(i);
+    }
+    double block = tail;
+    for (float lane : lanes) {
+      block += lane;
+    }
+    total += block;
+  }
+  return total;
+}
+
+double piece_sq_norm_dispatch(at::ScalarType dtype, bool has_momentum, bool adaptive, const PieceArgs& a) {
+  return dispatch_param_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    return dispatch_bool(has_momentum, [&](auto with_m) {
+      return dispatch_bool(adaptive, [&](auto is_adaptive) {
+        return piece_sq_norm<T, decltype(with_m)::value, decltype(is_adaptive)::value>(a);
+      });
+    });
+  });
+}
+
+at::Tensor sq_norm(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    const at::Tensor& coef,
+    const std::optional<at::Tensor>& inv_scale) {
+  check_lists("sq_norm", params, grads, momentum, {}, coef);
+  if (inv_scale.has_value()) {
+    check_scalar("sq_norm", "inv_scale", *inv_scale, params);
+  }
+  const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
+  const float* coef_data = coef.data_ptr<float>();
+  const std::vector<int64_t> starts = flat_starts(params);
+  const int64_t total = starts.back();
+  const int64_t slices = std::clamp((total + kMinSlice - 1) / kMinSlice, int64_t{1}, kMaxSlices);
+  const int64_t slice_len = (total + slices - 1) / slices;
+
+  std::array<double, kMaxSlices> partials{};
+  at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) {
+      double sum = 0.0;
+      for_each_piece(starts, s * slice_len, std::min(total, (s + 1) * slice_len), [&](size_t i, int64_t lo, int64_t hi) {
+        const TensorCoef c = read_coef(coef_data, static_cast<int64_t>(i));
+        const size_t elem = params[i].element_size();
+        const PieceArgs a{
+            static_cast<const char*>(params[i].data_ptr()) + lo * elem,
+            static_cast<const char*>(grads[i].data_ptr()) + lo * elem,
+            momentum.empty() ? nullptr : data_at<float>(momentum[i], lo),
+            hi - lo,
+            c.sigma,
+            unscale};
+        sum += piece_sq_norm_dispatch(params[i].scalar_type(), !momentum.empty(), c.adaptive, a);
+      });
+      partials[s] = sum;
+    }
+  });
+  double sum = 0.0;
+  for (int64_t s = 0; s < slices; ++s) {
+    sum += partials[s];
+  }
+  at::Tensor out = at::empty({}, coef.options());
+  out.fill_(static_cast<float>(sum));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
+  m.impl("sq_norm", &sq_norm);
+}
+
+}  // namespace fsam_fused::cpu

@@ -1,0 +1,65 @@
+// Argument checks and dtype dispatch shared by the CPU and CUDA implementations.
+//
+// Every op walks tensor lists as flat memory in storage order: position i of each list
+// describes one parameter, and all lists share that parameter's strides (contiguous,
+// channels_last or any other dense layout), so the same flat index addresses the same
+// element everywhere.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fsam_fused {
+
+// Checks the lists of one op call. `momentum` and `backup` may be empty when the op
+// does not take them (momentum: SAM keeps none; backup: sq_norm does not read it).
+void check_lists(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    at::TensorList backup,
+    const at::Tensor& coef);
+
+// Checks the lists of restore_: one backup per parameter, laid out like it.
+void check_restore_lists(const char* op, at::TensorList params, at::TensorList backup);
+
+// Checks an optional fp32 one-element tensor argument on the params' device.
+void check_scalar(const char* op, const char* arg, const at::Tensor& t, at::TensorList params);
+
+// The positions of `params` holding each supported dtype, in list order: kernels are
+// instantiated per dtype, so a list with mixed dtypes runs one pass per dtype.
+std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> positions_by_dtype(at::TensorList params);
+
+// Calls f(T{}) with T the C++ type of a supported parameter dtype.
+template <typename F>
+decltype(auto) dispatch_param_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "fsam_fused: unsupported parameter dtype ", dtype);
+  }
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): turns a flag that is fixed for a whole
+// loop into a template parameter, so the loop body has no branch and no unneeded load.
+template <typename F>
+decltype(auto) dispatch_bool(bool flag, F&& f) {
+  if (flag) {
+    return f(std::true_type{});
+  }
+  return f(std::false_type{});
+}
+
+}  // namespace fsam_fused
