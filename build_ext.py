@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's builds
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3"]
 
 
 def _flag(name: str) -> str | None:
@@ -58,26 +58,31 @@ def _cuda_arch_list() -> str:
     return os.environ["TORCH_CUDA_ARCH_LIST"]
 
 
-def _pip_cuda_dirs() -> tuple[list[str], list[str], list[str]]:
-    """Include dirs, library dirs and link args for a toolkit that lacks what ATen needs.
+def _pip_cuda_dirs() -> tuple[list[str], list[str]]:
+    """Include and library dirs for a toolkit that lacks what ATen and torch's link line need.
 
-    ATen's CUDA headers include cuSPARSE/cuBLAS headers, and torch links cudart; pip's
-    nvidia wheels carry both (the runtime only as a versioned ``libcudart.so.N``).
+    ATen's CUDA headers include cuSPARSE/cuBLAS headers, and torch links ``-lcudart``;
+    pip's nvidia wheels carry both, the runtime only as a versioned ``libcudart.so.N``,
+    for which a link directory with an unversioned symlink is made under build/.
     """
     from torch.utils.cpp_extension import CUDA_HOME
 
     include_dirs: list[str] = []
     library_dirs: list[str] = []
-    link_args: list[str] = []
     site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
     toolkit = Path(CUDA_HOME)
     if not (toolkit / "include" / "cusparse.h").exists():
         include_dirs += [str(p.parent) for p in sorted(site.glob("*/include/cusparse.h"))]
     if not any((toolkit / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
-        for lib in sorted(site.glob("*/lib/libcudart.so.*")):
-            library_dirs.append(str(lib.parent))
-            link_args.append(f"-l:{lib.name}")
-    return include_dirs, library_dirs, link_args
+        versioned = sorted(site.glob("*/lib/libcudart.so.*"))
+        if versioned:
+            link_dir = ROOT / "build" / "cudart_link"
+            link_dir.mkdir(parents=True, exist_ok=True)
+            link = link_dir / "libcudart.so"
+            link.unlink(missing_ok=True)
+            link.symlink_to(versioned[-1])
+            library_dirs.append(str(link_dir))
+    return include_dirs, library_dirs
 
 
 def extensions() -> list:
@@ -91,7 +96,7 @@ def extensions() -> list:
         return [CppExtension("fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS},
                              extra_link_args=["-fopenmp"])]
     archs = _cuda_arch_list()
-    include_dirs, library_dirs, link_args = _pip_cuda_dirs()
+    include_dirs, library_dirs = _pip_cuda_dirs()
     define = [("FSAM_FUSED_CUDA_ARCHS", f'"{archs}"')]
     return [
         CUDAExtension(
@@ -101,7 +106,7 @@ def extensions() -> list:
             library_dirs=library_dirs,
             define_macros=define,
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-            extra_link_args=["-fopenmp", *link_args],
+            extra_link_args=["-fopenmp"],
         )
     ]
 
