@@ -47,8 +47,10 @@ def perturb_(
 
 
 def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
-    """``p <- backup``, bit-exact."""
-    torch.ops.fsam_fused.restore_.default(params, backup)
+    """``p <- backup``, bit-exact. Empty lists are a no-op (the op itself needs a tensor to
+    dispatch on)."""
+    if params or backup:
+        torch.ops.fsam_fused.restore_.default(params, backup)
 
 
 @torch.library.register_fake("fsam_fused::sq_norm")
