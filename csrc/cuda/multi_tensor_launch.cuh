@@ -126,7 +126,8 @@ struct alignas(16) Bytes16 {
   uint4 words[Bytes / 16];
 };
 
-// Loads (stores) W consecutive elements; W > 1 needs 16-byte aligned addresses and
+// Loads (stores) W consecutive elements; W > 1 needs 16-byte aligned addresses (both the
+// global one and the local array, declared alignas(16)) and
 // W * sizeof(T) a multiple of 16, and then uses 16-byte accesses.
 template <int W, typename T>
 __device__ inline void load(const T* src, T (&dst)[W]) {

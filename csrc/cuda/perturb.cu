@@ -32,14 +32,14 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(
 
   walk_chunk<kVecWidth<T>>(chunk.n, vectorized, [&](int i, auto width) {
     constexpr int W = decltype(width)::value;
-    T pv[W];
+    alignas(16) T pv[W];
     load<W>(p + i, pv);
     store<W>(backup + i, pv);
     if (!step_ok) {
       return;
     }
-    T gv[W];
-    [[maybe_unused]] float mv[W];
+    alignas(16) T gv[W];
+    [[maybe_unused]] alignas(16) float mv[W];
     load<W>(g + i, gv);
     if constexpr (HasMomentum) {
       load<W>(m + i, mv);

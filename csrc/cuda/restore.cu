@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(const LaunchTable<kDe
   const T* backup = chunk.data<const T>(table, kBackup);
   walk_chunk<kVecWidth<T>>(chunk.n, is_aligned16(p) && is_aligned16(backup), [&](int i, auto width) {
     constexpr int W = decltype(width)::value;
-    T v[W];
+    alignas(16) T v[W];
     load<W>(backup + i, v);
     store<W>(p + i, v);
   });

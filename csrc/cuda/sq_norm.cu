@@ -28,9 +28,9 @@ __global__ void __launch_bounds__(kThreads) chunk_sq_norm_kernel(
   float acc = 0.0f;
   walk_chunk<kVecWidth<T>>(chunk.n, vectorized, [&](int i, auto width) {
     constexpr int W = decltype(width)::value;
-    T pv[W];
-    T gv[W];
-    float mv[W];
+    alignas(16) T pv[W];
+    alignas(16) T gv[W];
+    alignas(16) float mv[W];
     load<W>(g + i, gv);
     if (c.adaptive) {
       load<W>(p + i, pv);
