@@ -193,9 +193,15 @@ class FriendlySAM(torch.optim.Optimizer):
         self._tables[device] = (key, table)
         return table
 
-    def _step_plans(self) -> list[tuple[ModuleType, DevicePlan]]:
+    def _check_grad(self, grad: Tensor) -> None:
+        if grad.layout != torch.strided:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; use dense "
+                "gradients (e.g. nn.Embedding(sparse=False))"
+            )
+
+    def _step_plans(self, hparams: list[tuple]) -> list[tuple[ModuleType, DevicePlan]]:
         states = self._device_states()
-        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
         members: dict[tuple, tuple[list[int], list[int], list[Tensor]]] = {}
         chosen: dict[str, ModuleType] = {}
         for group_index, group in enumerate(self.param_groups):
@@ -203,11 +209,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients; use dense "
-                        "gradients (e.g. nn.Embedding(sparse=False))"
-                    )
+                self._check_grad(grad)
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p).copy_(grad)
                 device_type = p.device.type
@@ -246,7 +248,12 @@ class FriendlySAM(torch.optim.Optimizer):
                 "first_step(), a second forward/backward, then second_step()"
             )
         main = self._main_device()
+        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
         if self.backend == backends.REFERENCE:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._check_grad(p.grad)
             skipped = reference.first_step(
                 self.param_groups,
                 self.state,
@@ -257,7 +264,7 @@ class FriendlySAM(torch.optim.Optimizer):
             found_inf = torch.tensor(float(skipped), device=main)
             self._current_plans: list[tuple[ModuleType, DevicePlan]] = []
         else:
-            plans = self._step_plans()
+            plans = self._step_plans(hparams)
             total = torch.zeros((), dtype=torch.float32, device=main)
             for backend, plan in plans:
                 total = total + backend.sq_norm(plan).to(main)
@@ -293,6 +300,9 @@ class FriendlySAM(torch.optim.Optimizer):
         self._base_step(self._found_inf)
         self._skipped += self._found_inf.to(self._skipped.device)
         self._perturbed = False
+        # LR schedulers attached to this optimizer check this flag to confirm that a step
+        # ran before theirs; second_step is where our step completes.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
@@ -374,7 +384,9 @@ class FriendlySAM(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state = new_state
         extra = state_dict.get("fsam_fused", {})
-        self._skipped = torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
+        self._skipped = (
+            torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
+        )
         self._invalidate()
         if self.backend != backends.REFERENCE:
             self._device_states()
@@ -401,8 +413,15 @@ class SAM(FriendlySAM):
         **base_optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
-            params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive,
-            eps=eps, backend=backend, **base_optimizer_kwargs,
+            params,
+            base_optimizer,
+            rho=rho,
+            sigma=0.0,
+            lmbda=0.0,
+            adaptive=adaptive,
+            eps=eps,
+            backend=backend,
+            **base_optimizer_kwargs,
         )
 
     def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:

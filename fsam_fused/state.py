@@ -74,6 +74,4 @@ class DeviceState:
         self.backup_flat = {
             dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in backup_numel.items()
         }
-        self.backup = [
-            view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)
-        ]
+        self.backup = [view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)]

@@ -179,15 +179,21 @@ def assert_traces_close(actual: Trace, expected: Trace, dtype: torch.dtype) -> N
     for step, (a_step, e_step) in enumerate(zip(actual.perturbed, expected.perturbed)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
             assert a.stride() == e.stride() or a.numel() <= 1
-            torch.testing.assert_close(a.cpu(), e.cpu(), **tol, msg=lambda m: f"perturbed p{i} step {step}: {m}")
+            torch.testing.assert_close(
+                a.cpu(), e.cpu(), **tol, msg=lambda m: f"perturbed p{i} step {step}: {m}"
+            )
     for step, (a_step, e_step) in enumerate(zip(actual.updated, expected.updated)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
-            torch.testing.assert_close(a.cpu(), e.cpu(), **tol, msg=lambda m: f"updated p{i} step {step}: {m}")
+            torch.testing.assert_close(
+                a.cpu(), e.cpu(), **tol, msg=lambda m: f"updated p{i} step {step}: {m}"
+            )
     for step, (a_step, e_step) in enumerate(zip(actual.momentum, expected.momentum)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
             assert (a is None) == (e is None), f"momentum p{i} step {step}: seeded differs"
             if a is not None:
                 torch.testing.assert_close(
-                    a.cpu(), e.cpu(), **TOLERANCES[torch.float32] if dtype == torch.float32 else tol,
+                    a.cpu(),
+                    e.cpu(),
+                    **TOLERANCES[torch.float32] if dtype == torch.float32 else tol,
                     msg=lambda m: f"momentum p{i} step {step}: {m}",
                 )
