@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import amp, backends, reference
 from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
 from .state import DeviceState, is_dense
 
@@ -240,8 +240,13 @@ class FriendlySAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient to its perturbed point ``p + e``."""
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move every parameter with a gradient to its perturbed point ``p + e``.
+
+        With ``grad_scaler``, the gradients are still scaled (do not call
+        ``scaler.unscale_`` before this): they are unscaled on the fly as they are read.
+        Pass the same scaler to :meth:`second_step`.
+        """
         if self._perturbed:
             raise RuntimeError(
                 "first_step() was called twice without second_step(); the order is "
@@ -249,24 +254,36 @@ class FriendlySAM(torch.optim.Optimizer):
             )
         main = self._main_device()
         hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
+        inv_scale = amp.inverse_scale(grad_scaler) if grad_scaler is not None else None
         if self.backend == backends.REFERENCE:
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         self._check_grad(p.grad)
+            if grad_scaler is not None:
+                self._reference_saved_momentum = {
+                    p: self.state[p]["momentum"].clone() if "momentum" in self.state[p] else None
+                    for group in self.param_groups
+                    for p in group["params"]
+                }
             skipped = reference.first_step(
                 self.param_groups,
                 self.state,
                 self._reference_backups,
                 eps=self.eps,
                 with_momentum=self._uses_momentum,
+                inv_scale=inv_scale,
             )
             found_inf = torch.tensor(float(skipped), device=main)
             self._current_plans: list[tuple[ModuleType, DevicePlan]] = []
         else:
             plans = self._step_plans(hparams)
+            if grad_scaler is not None:
+                for state in self._device_states().values():
+                    state.save_momentum()
             total = torch.zeros((), dtype=torch.float32, device=main)
             for backend, plan in plans:
+                plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
                 total = total + backend.sq_norm(plan).to(main)
             total = self._reduce_sq_norm(total)
             step_ok = torch.isfinite(total)
@@ -285,8 +302,16 @@ class FriendlySAM(torch.optim.Optimizer):
         return total
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the parameters saved by :meth:`first_step`, then run the base optimizer."""
+    def second_step(
+        self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Restore the parameters saved by :meth:`first_step`, then run the base optimizer.
+
+        With ``grad_scaler`` (the one given to :meth:`first_step`): unscales the second-pass
+        gradients unless ``scaler.unscale_(optimizer)`` already ran (so clipping can sit
+        between the two), skips the whole step if either pass overflowed (momentum is
+        taken back too), and leaves ``scaler.update()`` to the caller.
+        """
         if not self._perturbed:
             raise RuntimeError(
                 "second_step() was called without a preceding first_step(); the order is "
@@ -297,14 +322,31 @@ class FriendlySAM(torch.optim.Optimizer):
         else:
             for backend, plan in self._current_plans:
                 backend.restore_(plan)
-        self._base_step(self._found_inf)
-        self._skipped += self._found_inf.to(self._skipped.device)
+        found_inf = self._found_inf
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
+            self._rollback_momentum(found_inf)
+        self._base_step(found_inf)
+        self._skipped += found_inf.to(self._skipped.device)
         self._perturbed = False
         # LR schedulers attached to this optimizer check this flag to confirm that a step
         # ran before theirs; second_step is where our step completes.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
+
+    def _rollback_momentum(self, found_inf: Tensor) -> None:
+        """Undo this step's momentum update where the second pass overflowed."""
+        if self.backend == backends.REFERENCE:
+            if bool(found_inf):  # the reference loop may read back; it is the oracle
+                for p, saved in self._reference_saved_momentum.items():
+                    if saved is None:
+                        self.state[p].pop("momentum", None)
+                    else:
+                        self.state[p]["momentum"] = saved
+            return
+        for device, state in self._device_states().items():
+            state.rollback_momentum(found_inf.to(device))
 
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
