@@ -401,7 +401,8 @@ class FriendlySAM(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                f"state_dict has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         id_to_param: dict[int, Tensor] = {}
         for group, saved in zip(self.param_groups, saved_groups):
