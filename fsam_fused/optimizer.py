@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +42,19 @@ def _check_hparams(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) 
         raise ValueError(f"lmbda must lie in [0, 1]{where}, got {lmbda}")
     if not isinstance(adaptive, bool):
         raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
+
+
+@dataclass
+class _PendingStep:
+    """What first_step leaves for second_step.
+
+    Kept outside the optimizer object: torch.compile does not replay attribute writes on
+    Optimizer instances, but it does on plain objects.
+    """
+
+    perturbed: bool = False
+    found_inf: Tensor | None = None
+    plans: list[tuple[ModuleType, DevicePlan]] = field(default_factory=list)
 
 
 class FriendlySAM(torch.optim.Optimizer):
@@ -107,8 +121,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self.backend = backend
         if backend != backends.AUTO and backend != backends.REFERENCE:
             backends.resolve(backend, self._main_device().type)
-        self._perturbed = False
-        self._found_inf: Tensor | None = None
+        self._pending = _PendingStep()
         self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
         self._reference_backups: dict[Tensor, Tensor] = {}
         self._invalidate()
@@ -247,7 +260,7 @@ class FriendlySAM(torch.optim.Optimizer):
         ``scaler.unscale_`` before this): they are unscaled on the fly as they are read.
         Pass the same scaler to :meth:`second_step`.
         """
-        if self._perturbed:
+        if self._pending.perturbed:
             raise RuntimeError(
                 "first_step() was called twice without second_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
@@ -275,7 +288,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 inv_scale=inv_scale,
             )
             found_inf = torch.tensor(float(skipped), device=main)
-            self._current_plans: list[tuple[ModuleType, DevicePlan]] = []
+            self._pending.plans = []
         else:
             plans = self._step_plans(hparams)
             if grad_scaler is not None:
@@ -291,9 +304,9 @@ class FriendlySAM(torch.optim.Optimizer):
                 backend.perturb_(plan, total.to(plan.device))
                 mark_seeded(plan, step_ok.to(device=plan.device, dtype=torch.float32))
             found_inf = (~step_ok).float()
-            self._current_plans = plans
-        self._found_inf = found_inf
-        self._perturbed = True
+            self._pending.plans = plans
+        self._pending.found_inf = found_inf
+        self._pending.perturbed = True
         if zero_grad:
             self.zero_grad()
 
@@ -312,7 +325,7 @@ class FriendlySAM(torch.optim.Optimizer):
         between the two), skips the whole step if either pass overflowed (momentum is
         taken back too), and leaves ``scaler.update()`` to the caller.
         """
-        if not self._perturbed:
+        if not self._pending.perturbed:
             raise RuntimeError(
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
@@ -320,15 +333,15 @@ class FriendlySAM(torch.optim.Optimizer):
         if self.backend == backends.REFERENCE:
             reference.restore(self._reference_backups)
         else:
-            for backend, plan in self._current_plans:
+            for backend, plan in self._pending.plans:
                 backend.restore_(plan)
-        found_inf = self._found_inf
+        found_inf = self._pending.found_inf
         if grad_scaler is not None and grad_scaler.is_enabled():
             found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
             self._rollback_momentum(found_inf)
         self._base_step(found_inf)
         self._skipped += found_inf.to(self._skipped.device)
-        self._perturbed = False
+        self._pending.perturbed = False
         # LR schedulers attached to this optimizer check this flag to confirm that a step
         # ran before theirs; second_step is where our step completes.
         self._opt_called = True
@@ -396,7 +409,7 @@ class FriendlySAM(torch.optim.Optimizer):
         Momentum stays fp32 whatever the parameter dtype. A checkpoint without the base
         optimizer's state (the authors' format) leaves the base optimizer's state empty.
         """
-        if self._perturbed:
+        if self._pending.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step() is not supported")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

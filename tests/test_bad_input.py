@@ -106,7 +106,7 @@ def test_unavailable_backend_says_how_to_get_it(monkeypatch):
     opt = FriendlySAM([_param()], torch.optim.SGD, lr=0.1, backend="auto")
     opt.param_groups[0]["params"][0].grad = torch.randn(3)
     opt.first_step()
-    assert {b.name for b, _ in opt._current_plans} <= {"torch", "triton"}
+    assert {b.name for b, _ in opt._pending.plans} <= {"torch", "triton"}
 
 
 def test_non_dense_parameter_is_refused_with_a_clear_error():

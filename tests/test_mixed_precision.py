@@ -21,7 +21,9 @@ def _train(dtype, backend, steps=200):
     x, y = _digits()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(dtype)
-    opt = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lmbda=0.6, lr=0.1, momentum=0.9, backend=backend)
+    opt = FriendlySAM(
+        model.parameters(), torch.optim.SGD, rho=0.05, lmbda=0.6, lr=0.1, momentum=0.9, backend=backend
+    )
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):

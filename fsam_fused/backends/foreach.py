@@ -74,10 +74,10 @@ def sq_norm(plan: DevicePlan) -> Tensor:
             torch._foreach_add_(d, _pick(plan.momentum, positions), alpha=-sigma)
         if adaptive:
             d = torch._foreach_mul(d, torch._foreach_abs(_pick(plan.params, positions)))
-        partials.extend(torch._foreach_powsum(d, 2))
+        partials.extend(torch._foreach_norm(d))
     if not partials:
         return torch.zeros((), dtype=torch.float32, device=plan.device)
-    return torch.stack(partials).sum()
+    return torch.stack(partials).square().sum()
 
 
 def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
