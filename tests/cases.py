@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+import fsam_fused
 from fsam_fused import SAM, FriendlySAM
+
+# The fast backends that run on CPU tensors here (triton runs on the CPU only under its
+# interpreter, which its own tests set up), and the same with the reference loop.
+CPU_FAST_BACKENDS = [b for b in fsam_fused.available_backends() if b not in ("reference", "triton")]
+CPU_BACKENDS = ["reference", *CPU_FAST_BACKENDS]
 
 # Tolerances by parameter dtype for comparisons against the reference loop. fp32: both
 # sides compute in fp32 but in a different order (stacked per-tensor norms vs block

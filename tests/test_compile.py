@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from fsam_fused import FriendlySAM
-
-BACKENDS = ["torch"] + (["native"] if "native" in __import__("fsam_fused").available_backends() else [])
+from tests.cases import CPU_FAST_BACKENDS
 
 
 def _setup(backend, seed=0):
@@ -33,7 +32,7 @@ def _step(params, first_step, second_step, seed):
     second_step()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
 def test_second_step_breaks_only_inside_the_base_optimizer(backend):
     params, opt = _setup(backend)
     _step(params, opt.first_step, opt.second_step, seed=0)
@@ -48,7 +47,7 @@ def test_second_step_breaks_only_inside_the_base_optimizer(backend):
         assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
 def test_compiled_steps_match_eager(backend):
     params, opt = _setup(backend)
     eager_params, eager = _setup(backend)

@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from fsam_fused import FriendlySAM
-
-BACKENDS = ["reference", "torch"] + (
-    ["native"] if "native" in __import__("fsam_fused").available_backends() else []
-)
+from tests.cases import CPU_BACKENDS
 
 
 def _setup(backend, fused=False, base=torch.optim.SGD, **base_kwargs):
@@ -41,7 +38,7 @@ def _snapshot(params, opt):
     return [p.detach().clone() for p in params], momentum, base
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach_base", "fused_base"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_gradient_skips_the_whole_step(backend, fused, bad):
@@ -64,7 +61,7 @@ def test_non_finite_gradient_skips_the_whole_step(backend, fused, bad):
     assert not torch.equal(params[0], before[0][0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_skipped_first_step_leaves_momentum_unseeded(backend):
     params, opt = _setup(backend)
     grads = [torch.randn_like(p) for p in params]
@@ -76,7 +73,7 @@ def test_skipped_first_step_leaves_momentum_unseeded(backend):
         torch.testing.assert_close(opt.state[p]["momentum"], g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_overflowing_squared_norm_counts_as_non_finite(backend):
     params, opt = _setup(backend)
     grads = [torch.full_like(p, 1e30) for p in params]
@@ -104,7 +101,7 @@ def _host_reads_forbidden():
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
 def test_fused_base_step_reads_nothing_back_to_the_host(backend, base):
     params, opt = _setup(backend, fused=True, base=base)
