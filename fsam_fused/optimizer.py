@@ -251,6 +251,17 @@ class FriendlySAM(torch.optim.Optimizer):
             plans.append((backend, plan))
         return plans
 
+    def sync_hyperparameters(self) -> None:
+        """Copy the param groups' ``rho``/``sigma``/``lmbda`` to the device tables now.
+
+        ``first_step`` does this itself. Call it when replaying a captured CUDA graph, after
+        changing one of them: a replay runs no Python. (``adaptive`` decides which kernels
+        run, so changing it needs a new capture.)
+        """
+        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
+        for device in self._device_states():
+            self._group_table(device, hparams)
+
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None) -> None:

@@ -66,3 +66,49 @@ def test_parameters_on_two_devices_share_one_global_norm(backend):
     opt_single.first_step()
     for p, q in zip(split, single):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_captured_step_replays_like_eager_and_follows_schedules(backend):
+    """A whole F-SAM step captured in a CUDA graph: same result as eager, rho and lr schedules apply."""
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).cuda()
+        lr = torch.tensor(0.05, device="cuda")
+        opt = FriendlySAM(
+            model.parameters(), torch.optim.SGD, rho=0.1, lr=lr, momentum=0.9, fused=True, backend=backend
+        )
+        return model, opt
+
+    x = torch.randn(16, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+
+    def step(model, opt):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    graphed, graphed_opt = build()
+    eager, eager_opt = build()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(graphed, graphed_opt)
+            step(eager, eager_opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed, graphed_opt)
+    for i in range(6):
+        for opt in (graphed_opt, eager_opt):
+            opt.param_groups[0]["rho"] = 0.1 * (1 + i)
+            opt.param_groups[0]["lr"].fill_(0.05 / (1 + i))
+        graphed_opt.sync_hyperparameters()
+        graph.replay()
+        step(eager, eager_opt)
+    torch.cuda.synchronize()
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,9 +1,11 @@
 """The ``torch`` backend: the three ops of DESIGN.md section 2 with ``torch._foreach_*``.
 
-Works on every device and floating dtype. It keeps one flat fp32 work buffer per plan
-(allocated once, reused every step) holding the direction ``d``; being flat, it can be
-made harmless with a single ``where`` when the step is not finite (``0 * inf`` is NaN,
-so scaling by a zero flag alone would not protect parameters or momentum).
+Works on every device and floating dtype. Hyperparameters are read from the plan's
+device table (``coef``), except ``adaptive``, which decides which ops run. It keeps one
+flat fp32 work buffer per plan (allocated once, reused every step) holding the direction
+``d``; being flat, it can be made harmless with a single ``where`` when the step is not
+finite (``0 * inf`` is NaN, so scaling by a zero flag alone would not protect parameters
+or momentum).
 
 The EMA is written in terms of ``d`` so that the raw gradient need not be kept:
 ``lmbda*m + (1-lmbda)*g = (lmbda + (1-lmbda)*sigma)*m + (1-lmbda)*d`` since
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..plan import LMBDA, SIGMA, DevicePlan
+from ..plan import ADAPTIVE, LMBDA, RHO, SIGMA, DevicePlan
 from ..state import view_like
 
 name = "torch"
@@ -52,13 +54,13 @@ def sq_norm(plan: DevicePlan) -> Tensor:
     torch._foreach_copy_(d, plan.grads)
     if plan.inv_scale is not None:
         flat.mul_(plan.inv_scale)
+    if plan.momentum is not None:
+        # sigma is read from the device table, so a schedule needs no new CUDA graph.
+        torch._foreach_addcmul_(d, plan.momentum, list((-plan.coef[:, SIGMA]).unbind()))
     norms = []
     for group, positions in plan.group_positions:
-        _, sigma, _, adaptive = plan.group_hparams[group]
         d_group = _pick(d, positions)
-        if plan.momentum is not None and sigma != 0.0:
-            torch._foreach_add_(d_group, _pick(plan.momentum, positions), alpha=-sigma)
-        if adaptive:
+        if plan.group_hparams[group][ADAPTIVE]:
             d_group = torch._foreach_mul(d_group, torch._foreach_abs(_pick(plan.params, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
@@ -84,14 +86,11 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
         torch._foreach_mul_(plan.momentum, list(keep.unbind()))
         torch._foreach_addcmul_(plan.momentum, d, list(take.unbind()))
     for group, positions in plan.group_positions:
-        rho, _, _, adaptive = plan.group_hparams[group]
-        d_group = _pick(d, positions)
-        params = _pick(plan.params, positions)
-        if adaptive:
+        if plan.group_hparams[group][ADAPTIVE]:
+            d_group, params = _pick(d, positions), _pick(plan.params, positions)
             torch._foreach_mul_(d_group, params)
             torch._foreach_mul_(d_group, params)
-        scale = inv_norm * rho
-        torch._foreach_addcmul_(params, d_group, [scale] * len(positions))
+    torch._foreach_addcmul_(plan.params, d, list((inv_norm * plan.coef[:, RHO]).unbind()))
 
 
 def restore_(plan: DevicePlan) -> None:
