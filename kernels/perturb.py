@@ -43,8 +43,7 @@ def _perturb_kernel(
     t, start, count = load_entry(block_map, c)
     rho, sigma, lmbda, adaptive = load_coef(coef, t)
     total = tl.load(total_sq_norm)
-    # x - x is 0 exactly for finite x and NaN for NaN or +-inf.
-    ok = (total - total) == 0
+    ok = tl.abs(total) < float("inf")  # False for NaN too
     # Stores of m and p reach elements below this bound only (see sq_norm.py on why a bound).
     update_limit = tl.where(ok, count, 0)
     scale = tl.div_rn(rho, tl.sqrt_rn(total) + eps)
