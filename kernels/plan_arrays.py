@@ -66,5 +66,5 @@ class PlanArrays:
         """Point the table at ``grads``; uploads only when an address changed."""
         current = addresses(grads)
         if current != self._grad_addresses:
-            upload(current, self.table[GRAD])
+            upload(current, self.table[GRAD.value])
             self._grad_addresses = current

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-PARAM, GRAD, MOMENTUM, BACKUP = range(4)
+PARAM, GRAD, MOMENTUM, BACKUP = (tl.constexpr(row) for row in range(4))
 ROWS = 4
 
 
