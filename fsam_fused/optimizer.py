@@ -18,9 +18,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, distributed, reference
 from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
 from .state import DeviceState, is_dense
 
@@ -61,6 +62,10 @@ class FriendlySAM(torch.optim.Optimizer):
         adaptive: ASAM's element-wise scaling by ``|p|``.
         eps: added to the global norm before dividing.
         backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        process_group: for parameters split over ranks as plain tensors (each element on
+            one rank), the group whose ranks hold the parts: the squared norm is summed
+            over it. DTensor parameters (FSDP2) name their groups themselves; DDP needs
+            none (see :mod:`fsam_fused.distributed`).
         **base_optimizer_kwargs: passed to ``base_optimizer``.
 
     A step whose gradients hold a NaN or Inf (or whose squared norm overflows) is
@@ -81,8 +86,14 @@ class FriendlySAM(torch.optim.Optimizer):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
+                f"or None, got {type(process_group).__name__}"
+            )
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
@@ -105,6 +116,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self._base_built = True
         self.eps = float(eps)
         self.backend = backend
+        self.process_group = process_group
         if backend != backends.AUTO and backend != backends.REFERENCE:
             backends.resolve(backend, self._main_device().type)
         self._perturbed = False
@@ -150,34 +162,41 @@ class FriendlySAM(torch.optim.Optimizer):
         self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
 
     def _device_states(self) -> dict[torch.device, DeviceState]:
+        """Flat state per device, over each parameter's local part (the shard of a DTensor)."""
         if self._states is None:
             by_device: dict[torch.device, list[Tensor]] = {}
+            self._local_of: dict[Tensor, Tensor] = {}
             for group in self.param_groups:
                 for p in group["params"]:
-                    if not is_dense(p):
+                    local = self._local_of[p] = distributed.local_tensor(p)
+                    if not is_dense(local):
                         raise ValueError(
                             "parameters must be dense (contiguous or a permutation of contiguous, "
                             f"such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
                         )
-                    by_device.setdefault(p.device, []).append(p)
+                    by_device.setdefault(local.device, []).append(p)
             self._states = {
-                device: DeviceState(params, with_momentum=self._uses_momentum)
+                device: DeviceState([self._local_of[p] for p in params], with_momentum=self._uses_momentum)
                 for device, params in by_device.items()
             }
-            for state in self._states.values():
-                self._adopt_state(state)
+            for state, params in zip(self._states.values(), by_device.values(), strict=True):
+                self._adopt_state(state, params)
+            self._norm_groups = distributed.norm_groups(self._local_of, self.process_group)
         return self._states
 
-    def _adopt_state(self, state: DeviceState) -> None:
-        """Move momentum found in ``self.state`` into the flat buffers, then expose views."""
+    def _adopt_state(self, state: DeviceState, params: list[Tensor]) -> None:
+        """Move momentum found in ``self.state`` into the flat buffers, then expose views.
+
+        ``params`` are the parameters themselves, whose local parts ``state`` holds.
+        """
         if state.momentum is None:
             return
-        for slot, p in enumerate(state.params):
+        for slot, p in enumerate(params):
             entry = self.state[p]
             if "momentum" in entry:
-                state.momentum[slot].copy_(entry["momentum"])
+                state.momentum[slot].copy_(distributed.local_tensor(entry["momentum"]))
                 state.seeded[slot].copy_(torch.as_tensor(entry.get("momentum_seeded", 1.0)))
-            entry["momentum"] = state.momentum[slot]
+            entry["momentum"] = distributed.like_param(state.momentum[slot], p)
             entry["momentum_seeded"] = state.seeded[slot]
 
     def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
@@ -203,6 +222,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                grad, p = distributed.local_tensor(grad), self._local_of[p]
                 if grad.is_sparse or grad.layout != torch.strided:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients; use dense "
@@ -274,8 +294,8 @@ class FriendlySAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _reduce_sq_norm(self, total: Tensor) -> Tensor:
-        """The squared norm over all devices of this process; distributed code extends it."""
-        return total
+        """The squared norm over all devices of this process, summed over sharding ranks."""
+        return distributed.all_reduce_sum_(total, self._norm_groups)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -398,11 +418,12 @@ class SAM(FriendlySAM):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
             params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive,
-            eps=eps, backend=backend, **base_optimizer_kwargs,
+            eps=eps, backend=backend, process_group=process_group, **base_optimizer_kwargs,
         )
 
     def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:
