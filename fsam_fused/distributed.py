@@ -17,6 +17,9 @@ caller manages with an explicit ``process_group``) need one more thing: every ra
 only part of each tensor, so the squared norm of the perturbation direction is summed over
 the ranks that share the tensors. The optimizer works on the local shards and asks
 :func:`norm_groups` which process groups to all-reduce that scalar over.
+
+In per-worker mode the norms stay local, but the decision to skip a step for non-finite
+gradients must not: pass the DDP group as ``replica_group`` to the optimizer.
 """
 
 from __future__ import annotations
@@ -108,6 +111,15 @@ def norm_groups(
     return next(iter(found.values()), ())
 
 
+def check_group(argument: str, group: object) -> None:
+    """Raise ``TypeError`` unless ``group`` is None or a process group."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            f"{argument} must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) or None, "
+            f"got {type(group).__name__}"
+        )
+
+
 def all_reduce_sum_(total: Tensor, groups: Iterable[dist.ProcessGroup]) -> Tensor:
     """Sum the device scalar ``total`` over each group in turn, in place, without a host sync."""
     for group in groups:
@@ -146,3 +158,14 @@ def first_pass(model: torch.nn.Module, mode: str) -> Iterator[None]:
         )
     with no_sync():
         yield
+
+
+def nonfinite_if_any_rank(total: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``total`` where every rank of ``group`` has a finite one, else NaN; no host sync.
+
+    Ranks that perturb with their own norms must still agree on skipping a step, or the
+    ones that step would leave the ones that skip behind. ``0 * sum`` is 0 when every
+    rank's value is finite and NaN (``0 * inf``, ``0 * nan``) when one is not (or the sum
+    overflows, which skips on every rank as well); adding exactly 0 leaves ``total`` as it is.
+    """
+    return total + 0.0 * all_reduce_sum_(total.clone(), (group,))

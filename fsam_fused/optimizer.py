@@ -66,6 +66,9 @@ class FriendlySAM(torch.optim.Optimizer):
             one rank), the group whose ranks hold the parts: the squared norm is summed
             over it. DTensor parameters (FSDP2) name their groups themselves; DDP needs
             none (see :mod:`fsam_fused.distributed`).
+        replica_group: for DDP with per-worker perturbation, the data-parallel group:
+            a step skipped for non-finite gradients on one rank is then skipped on every
+            rank, so the replicas stay identical.
         **base_optimizer_kwargs: passed to ``base_optimizer``.
 
     A step whose gradients hold a NaN or Inf (or whose squared norm overflows) is
@@ -87,13 +90,11 @@ class FriendlySAM(torch.optim.Optimizer):
         eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
-                f"or None, got {type(process_group).__name__}"
-            )
+        distributed.check_group("process_group", process_group)
+        distributed.check_group("replica_group", replica_group)
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
@@ -117,6 +118,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self.eps = float(eps)
         self.backend = backend
         self.process_group = process_group
+        self.replica_group = replica_group
         if backend != backends.AUTO and backend != backends.REFERENCE:
             backends.resolve(backend, self._main_device().type)
         self._perturbed = False
@@ -295,7 +297,10 @@ class FriendlySAM(torch.optim.Optimizer):
 
     def _reduce_sq_norm(self, total: Tensor) -> Tensor:
         """The squared norm over all devices of this process, summed over sharding ranks."""
-        return distributed.all_reduce_sum_(total, self._norm_groups)
+        total = distributed.all_reduce_sum_(total, self._norm_groups)
+        if self.replica_group is not None:
+            total = distributed.nonfinite_if_any_rank(total, self.replica_group)
+        return total
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -419,11 +424,13 @@ class SAM(FriendlySAM):
         eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
-            params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive,
-            eps=eps, backend=backend, process_group=process_group, **base_optimizer_kwargs,
+            params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive, eps=eps,
+            backend=backend, process_group=process_group, replica_group=replica_group,
+            **base_optimizer_kwargs,
         )
 
     def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:

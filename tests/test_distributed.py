@@ -19,6 +19,7 @@ and the spawn is killed if it outlives its deadline.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -43,7 +44,10 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 # Shapes for the hand-sharded case, split along dim 0: odd sizes give uneven parts, and a
 # single row leaves the second rank an empty part.
 MANUAL_SHAPES = ((11,), (7, 3), (1,), (4, 2, 2))
-SCENARIOS = ("ddp_sync", "ddp_per_worker", "fsdp2", "explicit_group")
+SCENARIOS = (
+    "ddp_sync", "ddp_per_worker", "ddp_per_worker_nonfinite", "fsdp2", "mixed_sharding", "explicit_group",
+)
+NONFINITE_STEP, NONFINITE_RANK = 1, 1
 
 
 # ------------------------------------------------------------------ shared training code
@@ -84,18 +88,24 @@ def _snapshot(params: list[Tensor], opt: FriendlySAM) -> dict[str, list[Tensor]]
     }
 
 
-def _train(model: nn.Module, batches, first_pass_context, device: torch.device) -> list[dict]:
+def _train(
+    model: nn.Module, batches, first_pass_context, device: torch.device, poison_step: int | None = None,
+    **kwargs,
+) -> list[dict]:
+    """F-SAM steps; at ``poison_step`` one first-pass gradient element is set to Inf."""
     params = list(model.parameters())
-    opt = _optimizer(params)
+    opt = _optimizer(params, **kwargs)
     trace = []
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with first_pass_context():
             _loss(model, x, y).backward()
+        if step == poison_step:
+            params[0].grad.view(-1)[0] = float("inf")
         opt.first_step(zero_grad=True)
         _loss(model, x, y).backward()
         opt.second_step(zero_grad=True)
-        trace.append(_snapshot(params, opt))
+        trace.append(dict(skipped=torch.tensor(opt.skipped_steps), **_snapshot(params, opt)))
     return trace
 
 
@@ -141,11 +151,28 @@ def _run_scenario(name: str, rank: int, device: torch.device) -> list[dict]:
         model = DDP(_model().to(device), device_ids=device_ids)
         mode = name.removeprefix("ddp_")
         return _train(model, batches, lambda: first_pass(model, mode), device)
+    if name == "ddp_per_worker_nonfinite":
+        model = DDP(_model().to(device), device_ids=device_ids)
+        poison = NONFINITE_STEP if rank == NONFINITE_RANK else None
+        context = functools.partial(first_pass, model, "per_worker")
+        return _train(model, batches, context, device, poison, replica_group=dist.group.WORLD)
     if name == "fsdp2":
         model = _model().to(device)
         fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
         assert all(is_dtensor(p) for p in model.parameters())
         return _train(model, batches, contextlib.nullcontext, device)
+    if name == "mixed_sharding":
+        model = _model().to(device)
+        fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
+        whole = torch.ones(3, device=device, requires_grad=True)
+        opt = _optimizer([*model.parameters(), whole])
+        _loss(model, *(t.to(device) for t in batches[0])).backward()
+        whole.grad = torch.ones_like(whole)
+        try:
+            opt.first_step()
+        except ValueError as error:
+            return [dict(error=str(error))]
+        return []
     assert name == "explicit_group", name
     local = [_part(t, rank).clone().to(device).requires_grad_() for t in _manual_params()]
     return _train_manual(local, _manual_grads(), lambda t: _part(t, rank), process_group=dist.group.WORLD)
@@ -211,7 +238,8 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 def _assert_trace_close(actual: list[dict], expected: list[dict], what: str) -> None:
     for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
         for key in want:
-            for i, (a, b) in enumerate(zip(got[key], want[key], strict=True)):
+            values = zip(*(v if isinstance(v, list) else [v] for v in (got[key], want[key])), strict=True)
+            for i, (a, b) in enumerate(values):
                 where = f"{what}: step {step} {key}[{i}]"
                 torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, where=where: f"{where}: {m}")
 
@@ -283,3 +311,52 @@ def test_explicit_process_group_sums_the_norm_over_plain_tensor_shards(ranks):
 
     gathered = [{key: gather(step, key) for key in expected[step]} for step in range(STEPS)]
     _assert_trace_close(gathered, expected, "explicit_group")
+
+
+def test_ddp_per_worker_ranks_skip_a_nonfinite_step_together(ranks):
+    """An Inf in one rank's first gradient skips the step on every rank (replica_group)."""
+    for rank, result in enumerate(ranks):
+        trace = result["ddp_per_worker_nonfinite"]
+        skipped = [int(s["skipped"]) for s in trace]
+        assert skipped == [0, 1, 1], f"rank {rank}: skipped_steps after each step {skipped}"
+        for i, (before, after) in enumerate(
+            zip(trace[NONFINITE_STEP - 1]["params"], trace[NONFINITE_STEP]["params"], strict=True)
+        ):
+            assert torch.equal(before, after), f"rank {rank}: param {i} changed in the skipped step"
+    _assert_params_identical_across_ranks(ranks, "ddp_per_worker_nonfinite")
+
+
+def test_mixing_sharded_and_whole_parameters_is_refused(ranks):
+    for rank, result in enumerate(ranks):
+        outcome = result["mixed_sharding"]
+        assert outcome, f"rank {rank}: first_step accepted DTensor and plain parameters in one optimizer"
+        assert "sharded over different process groups" in outcome[0]["error"]
+
+
+def test_first_pass_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        with first_pass(nn.Linear(2, 2), mode="async"):
+            pass
+
+
+def test_first_pass_per_worker_needs_a_model_with_no_sync():
+    with pytest.raises(TypeError, match="wrap the model in DDP"):
+        with first_pass(nn.Linear(2, 2), mode="per_worker"):
+            pass
+
+
+@pytest.mark.parametrize("argument", ["process_group", "replica_group"])
+def test_group_arguments_must_be_process_groups(argument):
+    with pytest.raises(TypeError, match=f"{argument} must be a torch.distributed.ProcessGroup"):
+        FriendlySAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{argument: "world"})
+
+
+def test_without_process_groups_the_norm_is_left_alone():
+    """Single-process training never touches torch.distributed (no init needed)."""
+    model = nn.Linear(3, 2)
+    opt = FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.first_step(zero_grad=True)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.second_step()
+    assert not dist.is_initialized()
