@@ -19,9 +19,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import amp, backends, reference
+from . import amp, backends, distributed, reference
 from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
 from .state import DeviceState, is_dense
 
@@ -75,6 +76,13 @@ class FriendlySAM(torch.optim.Optimizer):
         adaptive: ASAM's element-wise scaling by ``|p|``.
         eps: added to the global norm before dividing.
         backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        process_group: for parameters split over ranks as plain tensors (each element on
+            one rank), the group whose ranks hold the parts: the squared norm is summed
+            over it. DTensor parameters (FSDP2) name their groups themselves; DDP needs
+            none (see :mod:`fsam_fused.distributed`).
+        replica_group: for DDP with per-worker perturbation, the data-parallel group:
+            a step skipped for non-finite gradients on one rank is then skipped on every
+            rank, so the replicas stay identical.
         **base_optimizer_kwargs: passed to ``base_optimizer``.
 
     A step whose gradients hold a NaN or Inf (or whose squared norm overflows) is
@@ -95,8 +103,12 @@ class FriendlySAM(torch.optim.Optimizer):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
+        distributed.check_group("process_group", process_group)
+        distributed.check_group("replica_group", replica_group)
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
@@ -119,6 +131,8 @@ class FriendlySAM(torch.optim.Optimizer):
         self._base_built = True
         self.eps = float(eps)
         self.backend = backend
+        self.process_group = process_group
+        self.replica_group = replica_group
         if backend != backends.AUTO and backend != backends.REFERENCE:
             backends.resolve(backend, self._main_device().type)
         self._pending = _PendingStep()
@@ -163,34 +177,41 @@ class FriendlySAM(torch.optim.Optimizer):
         self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
 
     def _device_states(self) -> dict[torch.device, DeviceState]:
+        """Flat state per device, over each parameter's local part (the shard of a DTensor)."""
         if self._states is None:
             by_device: dict[torch.device, list[Tensor]] = {}
+            self._local_of: dict[Tensor, Tensor] = {}
             for group in self.param_groups:
                 for p in group["params"]:
-                    if not is_dense(p):
+                    local = self._local_of[p] = distributed.local_tensor(p)
+                    if not is_dense(local):
                         raise ValueError(
                             "parameters must be dense (contiguous or a permutation of contiguous, "
                             f"such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
                         )
-                    by_device.setdefault(p.device, []).append(p)
+                    by_device.setdefault(local.device, []).append(p)
             self._states = {
-                device: DeviceState(params, with_momentum=self._uses_momentum)
+                device: DeviceState([self._local_of[p] for p in params], with_momentum=self._uses_momentum)
                 for device, params in by_device.items()
             }
-            for state in self._states.values():
-                self._adopt_state(state)
+            for state, params in zip(self._states.values(), by_device.values(), strict=True):
+                self._adopt_state(state, params)
+            self._norm_groups = distributed.norm_groups(self._local_of, self.process_group)
         return self._states
 
-    def _adopt_state(self, state: DeviceState) -> None:
-        """Move momentum found in ``self.state`` into the flat buffers, then expose views."""
+    def _adopt_state(self, state: DeviceState, params: list[Tensor]) -> None:
+        """Move momentum found in ``self.state`` into the flat buffers, then expose views.
+
+        ``params`` are the parameters themselves, whose local parts ``state`` holds.
+        """
         if state.momentum is None:
             return
-        for slot, p in enumerate(state.params):
+        for slot, p in enumerate(params):
             entry = self.state[p]
             if "momentum" in entry:
-                state.momentum[slot].copy_(entry["momentum"])
+                state.momentum[slot].copy_(distributed.local_tensor(entry["momentum"]))
                 state.seeded[slot].copy_(torch.as_tensor(entry.get("momentum_seeded", 1.0)))
-            entry["momentum"] = state.momentum[slot]
+            entry["momentum"] = distributed.like_param(state.momentum[slot], p)
             entry["momentum_seeded"] = state.seeded[slot]
 
     def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
@@ -223,6 +244,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 self._check_grad(grad)
+                grad, p = distributed.local_tensor(grad), self._local_of[p]
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p).copy_(grad)
                 device_type = p.device.type
@@ -322,7 +344,10 @@ class FriendlySAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _reduce_sq_norm(self, total: Tensor) -> Tensor:
-        """The squared norm over all devices of this process; distributed code extends it."""
+        """The squared norm over all devices of this process, summed over sharding ranks."""
+        total = distributed.all_reduce_sum_(total, self._norm_groups)
+        if self.replica_group is not None:
+            total = distributed.nonfinite_if_any_rank(total, self.replica_group)
         return total
 
     @torch.no_grad()
@@ -477,6 +502,8 @@ class SAM(FriendlySAM):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -488,6 +515,8 @@ class SAM(FriendlySAM):
             adaptive=adaptive,
             eps=eps,
             backend=backend,
+            process_group=process_group,
+            replica_group=replica_group,
             **base_optimizer_kwargs,
         )
 
