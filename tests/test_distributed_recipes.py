@@ -1,4 +1,4 @@
-"""The Distributed recipes of the docs and examples run as written, under torchrun, on 2 CPU ranks."""
+"""The README's Distributed recipes and the example run as written, under torchrun, on 2 CPU ranks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "distributed.md"
+README = ROOT / "README.md"
 EXAMPLE = ROOT / "examples" / "distributed.py"
 TIMEOUT_S = 120
 # About a minute on 2 CPU cores: torchrun starts two fresh interpreters per recipe.
@@ -35,7 +35,9 @@ def _torchrun(script: Path, *args: str) -> str:
 
 
 def _doc_scripts() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    """The whole scripts of the README's Distributed section."""
+    section = README.read_text().split("\n## Distributed\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
 @pytest.mark.parametrize("index", range(len(_doc_scripts())))
