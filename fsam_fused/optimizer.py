@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, reference
+from . import amp, backends, distributed, reference
 from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
 from .state import DeviceState, is_dense
 
@@ -43,6 +45,19 @@ def _check_hparams(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) 
         raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
 
 
+@dataclass
+class _PendingStep:
+    """What first_step leaves for second_step.
+
+    Kept outside the optimizer object: torch.compile does not replay attribute writes on
+    Optimizer instances, but it does on plain objects.
+    """
+
+    perturbed: bool = False
+    found_inf: Tensor | None = None
+    plans: list[tuple[ModuleType, DevicePlan]] = field(default_factory=list)
+
+
 class FriendlySAM(torch.optim.Optimizer):
     """Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
 
@@ -61,6 +76,13 @@ class FriendlySAM(torch.optim.Optimizer):
         adaptive: ASAM's element-wise scaling by ``|p|``.
         eps: added to the global norm before dividing.
         backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        process_group: for parameters split over ranks as plain tensors (each element on
+            one rank), the group whose ranks hold the parts: the squared norm is summed
+            over it. DTensor parameters (FSDP2) name their groups themselves; DDP needs
+            none (see :mod:`fsam_fused.distributed`).
+        replica_group: for DDP with per-worker perturbation, the data-parallel group:
+            a step skipped for non-finite gradients on one rank is then skipped on every
+            rank, so the replicas stay identical.
         **base_optimizer_kwargs: passed to ``base_optimizer``.
 
     A step whose gradients hold a NaN or Inf (or whose squared norm overflows) is
@@ -81,8 +103,12 @@ class FriendlySAM(torch.optim.Optimizer):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
+        distributed.check_group("process_group", process_group)
+        distributed.check_group("replica_group", replica_group)
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
@@ -105,10 +131,11 @@ class FriendlySAM(torch.optim.Optimizer):
         self._base_built = True
         self.eps = float(eps)
         self.backend = backend
+        self.process_group = process_group
+        self.replica_group = replica_group
         if backend != backends.AUTO and backend != backends.REFERENCE:
             backends.resolve(backend, self._main_device().type)
-        self._perturbed = False
-        self._found_inf: Tensor | None = None
+        self._pending = _PendingStep()
         self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
         self._reference_backups: dict[Tensor, Tensor] = {}
         self._invalidate()
@@ -150,34 +177,41 @@ class FriendlySAM(torch.optim.Optimizer):
         self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
 
     def _device_states(self) -> dict[torch.device, DeviceState]:
+        """Flat state per device, over each parameter's local part (the shard of a DTensor)."""
         if self._states is None:
             by_device: dict[torch.device, list[Tensor]] = {}
+            self._local_of: dict[Tensor, Tensor] = {}
             for group in self.param_groups:
                 for p in group["params"]:
-                    if not is_dense(p):
+                    local = self._local_of[p] = distributed.local_tensor(p)
+                    if not is_dense(local):
                         raise ValueError(
                             "parameters must be dense (contiguous or a permutation of contiguous, "
                             f"such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
                         )
-                    by_device.setdefault(p.device, []).append(p)
+                    by_device.setdefault(local.device, []).append(p)
             self._states = {
-                device: DeviceState(params, with_momentum=self._uses_momentum)
+                device: DeviceState([self._local_of[p] for p in params], with_momentum=self._uses_momentum)
                 for device, params in by_device.items()
             }
-            for state in self._states.values():
-                self._adopt_state(state)
+            for state, params in zip(self._states.values(), by_device.values(), strict=True):
+                self._adopt_state(state, params)
+            self._norm_groups = distributed.norm_groups(self._local_of, self.process_group)
         return self._states
 
-    def _adopt_state(self, state: DeviceState) -> None:
-        """Move momentum found in ``self.state`` into the flat buffers, then expose views."""
+    def _adopt_state(self, state: DeviceState, params: list[Tensor]) -> None:
+        """Move momentum found in ``self.state`` into the flat buffers, then expose views.
+
+        ``params`` are the parameters themselves, whose local parts ``state`` holds.
+        """
         if state.momentum is None:
             return
-        for slot, p in enumerate(state.params):
+        for slot, p in enumerate(params):
             entry = self.state[p]
             if "momentum" in entry:
-                state.momentum[slot].copy_(entry["momentum"])
+                state.momentum[slot].copy_(distributed.local_tensor(entry["momentum"]))
                 state.seeded[slot].copy_(torch.as_tensor(entry.get("momentum_seeded", 1.0)))
-            entry["momentum"] = state.momentum[slot]
+            entry["momentum"] = distributed.like_param(state.momentum[slot], p)
             entry["momentum_seeded"] = state.seeded[slot]
 
     def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
@@ -193,9 +227,15 @@ class FriendlySAM(torch.optim.Optimizer):
         self._tables[device] = (key, table)
         return table
 
-    def _step_plans(self) -> list[tuple[ModuleType, DevicePlan]]:
+    def _check_grad(self, grad: Tensor) -> None:
+        if grad.layout != torch.strided:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; use dense "
+                "gradients (e.g. nn.Embedding(sparse=False))"
+            )
+
+    def _step_plans(self, hparams: list[tuple]) -> list[tuple[ModuleType, DevicePlan]]:
         states = self._device_states()
-        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
         members: dict[tuple, tuple[list[int], list[int], list[Tensor]]] = {}
         chosen: dict[str, ModuleType] = {}
         for group_index, group in enumerate(self.param_groups):
@@ -203,11 +243,8 @@ class FriendlySAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients; use dense "
-                        "gradients (e.g. nn.Embedding(sparse=False))"
-                    )
+                self._check_grad(grad)
+                grad, p = distributed.local_tensor(grad), self._local_of[p]
                 if grad.stride() != p.stride():
                     grad = torch.empty_like(p).copy_(grad)
                 device_type = p.device.type
@@ -236,30 +273,63 @@ class FriendlySAM(torch.optim.Optimizer):
             plans.append((backend, plan))
         return plans
 
+    def sync_hyperparameters(self) -> None:
+        """Copy the param groups' ``rho``/``sigma``/``lmbda`` to the device tables now.
+
+        ``first_step`` does this itself. Call it when replaying a captured CUDA graph, after
+        changing one of them: a replay runs no Python. (``adaptive`` decides which kernels
+        run, so changing it needs a new capture.)
+        """
+        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
+        for device in self._device_states():
+            self._group_table(device, hparams)
+
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient to its perturbed point ``p + e``."""
-        if self._perturbed:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move every parameter with a gradient to its perturbed point ``p + e``.
+
+        With ``grad_scaler``, the gradients are still scaled (do not call
+        ``scaler.unscale_`` before this): they are unscaled on the fly as they are read.
+        Pass the same scaler to :meth:`second_step`.
+        """
+        if self._pending.perturbed:
             raise RuntimeError(
                 "first_step() was called twice without second_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
             )
         main = self._main_device()
+        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
+        inv_scale = amp.inverse_scale(grad_scaler) if grad_scaler is not None else None
         if self.backend == backends.REFERENCE:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._check_grad(p.grad)
+            if grad_scaler is not None:
+                self._reference_saved_momentum = {
+                    p: self.state[p]["momentum"].clone() if "momentum" in self.state[p] else None
+                    for group in self.param_groups
+                    for p in group["params"]
+                }
             skipped = reference.first_step(
                 self.param_groups,
                 self.state,
                 self._reference_backups,
                 eps=self.eps,
                 with_momentum=self._uses_momentum,
+                inv_scale=inv_scale,
             )
             found_inf = torch.tensor(float(skipped), device=main)
-            self._current_plans: list[tuple[ModuleType, DevicePlan]] = []
+            self._pending.plans = []
         else:
-            plans = self._step_plans()
+            plans = self._step_plans(hparams)
+            if grad_scaler is not None:
+                for state in self._device_states().values():
+                    state.save_momentum()
             total = torch.zeros((), dtype=torch.float32, device=main)
             for backend, plan in plans:
+                plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
                 total = total + backend.sq_norm(plan).to(main)
             total = self._reduce_sq_norm(total)
             step_ok = torch.isfinite(total)
@@ -267,20 +337,31 @@ class FriendlySAM(torch.optim.Optimizer):
                 backend.perturb_(plan, total.to(plan.device))
                 mark_seeded(plan, step_ok.to(device=plan.device, dtype=torch.float32))
             found_inf = (~step_ok).float()
-            self._current_plans = plans
-        self._found_inf = found_inf
-        self._perturbed = True
+            self._pending.plans = plans
+        self._pending.found_inf = found_inf
+        self._pending.perturbed = True
         if zero_grad:
             self.zero_grad()
 
     def _reduce_sq_norm(self, total: Tensor) -> Tensor:
-        """The squared norm over all devices of this process; distributed code extends it."""
+        """The squared norm over all devices of this process, summed over sharding ranks."""
+        total = distributed.all_reduce_sum_(total, self._norm_groups)
+        if self.replica_group is not None:
+            total = distributed.nonfinite_if_any_rank(total, self.replica_group)
         return total
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the parameters saved by :meth:`first_step`, then run the base optimizer."""
-        if not self._perturbed:
+    def second_step(
+        self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Restore the parameters saved by :meth:`first_step`, then run the base optimizer.
+
+        With ``grad_scaler`` (the one given to :meth:`first_step`): unscales the second-pass
+        gradients unless ``scaler.unscale_(optimizer)`` already ran (so clipping can sit
+        between the two), skips the whole step if either pass overflowed (momentum is
+        taken back too), and leaves ``scaler.update()`` to the caller.
+        """
+        if not self._pending.perturbed:
             raise RuntimeError(
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
@@ -288,13 +369,33 @@ class FriendlySAM(torch.optim.Optimizer):
         if self.backend == backends.REFERENCE:
             reference.restore(self._reference_backups)
         else:
-            for backend, plan in self._current_plans:
+            for backend, plan in self._pending.plans:
                 backend.restore_(plan)
-        self._base_step(self._found_inf)
-        self._skipped += self._found_inf.to(self._skipped.device)
-        self._perturbed = False
+        found_inf = self._pending.found_inf
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
+            self._rollback_momentum(found_inf)
+        self._base_step(found_inf)
+        self._skipped += found_inf.to(self._skipped.device)
+        self._pending.perturbed = False
+        # LR schedulers attached to this optimizer check this flag to confirm that a step
+        # ran before theirs; second_step is where our step completes.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
+
+    def _rollback_momentum(self, found_inf: Tensor) -> None:
+        """Undo this step's momentum update where the second pass overflowed."""
+        if self.backend == backends.REFERENCE:
+            if bool(found_inf):  # the reference loop may read back; it is the oracle
+                for p, saved in self._reference_saved_momentum.items():
+                    if saved is None:
+                        self.state[p].pop("momentum", None)
+                    else:
+                        self.state[p]["momentum"] = saved
+            return
+        for device, state in self._device_states().items():
+            state.rollback_momentum(found_inf.to(device))
 
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
@@ -344,12 +445,13 @@ class FriendlySAM(torch.optim.Optimizer):
         Momentum stays fp32 whatever the parameter dtype. A checkpoint without the base
         optimizer's state (the authors' format) leaves the base optimizer's state empty.
         """
-        if self._perturbed:
+        if self._pending.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step() is not supported")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                f"state_dict has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         id_to_param: dict[int, Tensor] = {}
         for group, saved in zip(self.param_groups, saved_groups):
@@ -374,7 +476,9 @@ class FriendlySAM(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state = new_state
         extra = state_dict.get("fsam_fused", {})
-        self._skipped = torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
+        self._skipped = (
+            torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
+        )
         self._invalidate()
         if self.backend != backends.REFERENCE:
             self._device_states()
@@ -398,11 +502,22 @@ class SAM(FriendlySAM):
         *,
         eps: float = 1e-12,
         backend: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
         super().__init__(
-            params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0, adaptive=adaptive,
-            eps=eps, backend=backend, **base_optimizer_kwargs,
+            params,
+            base_optimizer,
+            rho=rho,
+            sigma=0.0,
+            lmbda=0.0,
+            adaptive=adaptive,
+            eps=eps,
+            backend=backend,
+            process_group=process_group,
+            replica_group=replica_group,
+            **base_optimizer_kwargs,
         )
 
     def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:

@@ -74,6 +74,25 @@ class DeviceState:
         self.backup_flat = {
             dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in backup_numel.items()
         }
-        self.backup = [
-            view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)
-        ]
+        self.backup = [view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)]
+
+    def save_momentum(self) -> None:
+        """Remember momentum and seeded flags, so a step can be taken back (see ``rollback_momentum``)."""
+        if self.momentum_flat is None:
+            return
+        if not hasattr(self, "_saved_momentum"):
+            self._saved_momentum = torch.empty_like(self.momentum_flat)
+            self._saved_seeded = torch.empty_like(self.seeded)
+        self._saved_momentum.copy_(self.momentum_flat)
+        self._saved_seeded.copy_(self.seeded)
+
+    def rollback_momentum(self, flag: Tensor) -> None:
+        """Where ``flag`` (fp32 0-d, on this device) is 1, go back to the saved momentum; at 0, keep it.
+
+        A lerp with weight 0 or 1 is exact either way (momentum is always finite), and
+        needs neither a host read nor a temporary the size of the model.
+        """
+        if self.momentum_flat is None:
+            return
+        self.momentum_flat.lerp_(self._saved_momentum, flag)
+        self.seeded.lerp_(self._saved_seeded, flag)

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+import fsam_fused
 from fsam_fused import SAM, FriendlySAM
+
+# The fast backends that run on CPU tensors here (triton runs on the CPU only under its
+# interpreter, which its own tests set up), and the same with the reference loop.
+CPU_FAST_BACKENDS = [b for b in fsam_fused.available_backends() if b not in ("reference", "triton")]
+CPU_BACKENDS = ["reference", *CPU_FAST_BACKENDS]
 
 # Tolerances by parameter dtype for comparisons against the reference loop. fp32: both
 # sides compute in fp32 but in a different order (stacked per-tensor norms vs block
@@ -179,15 +185,21 @@ def assert_traces_close(actual: Trace, expected: Trace, dtype: torch.dtype) -> N
     for step, (a_step, e_step) in enumerate(zip(actual.perturbed, expected.perturbed)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
             assert a.stride() == e.stride() or a.numel() <= 1
-            torch.testing.assert_close(a.cpu(), e.cpu(), **tol, msg=lambda m: f"perturbed p{i} step {step}: {m}")
+            torch.testing.assert_close(
+                a.cpu(), e.cpu(), **tol, msg=lambda m: f"perturbed p{i} step {step}: {m}"
+            )
     for step, (a_step, e_step) in enumerate(zip(actual.updated, expected.updated)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
-            torch.testing.assert_close(a.cpu(), e.cpu(), **tol, msg=lambda m: f"updated p{i} step {step}: {m}")
+            torch.testing.assert_close(
+                a.cpu(), e.cpu(), **tol, msg=lambda m: f"updated p{i} step {step}: {m}"
+            )
     for step, (a_step, e_step) in enumerate(zip(actual.momentum, expected.momentum)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
             assert (a is None) == (e is None), f"momentum p{i} step {step}: seeded differs"
             if a is not None:
                 torch.testing.assert_close(
-                    a.cpu(), e.cpu(), **TOLERANCES[torch.float32] if dtype == torch.float32 else tol,
+                    a.cpu(),
+                    e.cpu(),
+                    **TOLERANCES[torch.float32] if dtype == torch.float32 else tol,
                     msg=lambda m: f"momentum p{i} step {step}: {m}",
                 )

@@ -5,13 +5,10 @@ import zlib
 import pytest
 import torch
 
-import fsam_fused
-from tests.cases import CASE_IDS, CASES, assert_traces_close, run
-
-CPU_BACKENDS = [b for b in fsam_fused.available_backends() if b not in ("reference", "triton")]
+from tests.cases import CASE_IDS, CASES, CPU_FAST_BACKENDS, assert_traces_close, run
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backend_matches_reference_over_steps(case, dtype, backend):

@@ -1,58 +1,47 @@
 """The ``torch`` backend: the three ops of DESIGN.md section 2 with ``torch._foreach_*``.
 
-Works on every device and floating dtype. It keeps two flat fp32 work buffers per plan
-(allocated once, reused every step): ``g`` holds the gradients read once (and
-unscaled), ``d`` the perturbation direction. Flat buffers let one masked fill make a
-non-finite step harmless: ``0 * inf`` is NaN, so scaling by a zero flag alone would
-not protect parameters or momentum.
+Works on every device and floating dtype. Hyperparameters are read from the plan's
+device table (``coef``), except ``adaptive``, which decides which ops run. It keeps one
+flat fp32 work buffer per plan (allocated once, reused every step) holding the direction
+``d``; being flat, it can be made harmless with a single ``where`` when the step is not
+finite (``0 * inf`` is NaN, so scaling by a zero flag alone would not protect parameters
+or momentum).
+
+The EMA is written in terms of ``d`` so that the raw gradient need not be kept:
+``lmbda*m + (1-lmbda)*g = (lmbda + (1-lmbda)*sigma)*m + (1-lmbda)*d`` since
+``g = d + sigma*m``. Passes over memory per fp32 element: copy g (8 B), subtract
+sigma*m (12), norm (4), sanitise d (8), backup (8), EMA (8 + 12), perturb (12),
+restore (8).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ..plan import LMBDA, DevicePlan
+from ..plan import ADAPTIVE, LMBDA, RHO, SIGMA, DevicePlan
 from ..state import view_like
 
 name = "torch"
 device_types = None  # every device torch supports
 
 
-@dataclass
-class _Workspace:
-    g_flat: Tensor
-    d_flat: Tensor
-    g: list[Tensor]
-    d: list[Tensor]
-
-
-def _workspace(plan: DevicePlan) -> _Workspace:
-    ws = plan.cache.get(name)
-    if ws is None:
-        total = sum(p.numel() for p in plan.params)
-        g_flat = torch.empty(total, dtype=torch.float32, device=plan.device)
-        d_flat = torch.empty_like(g_flat)
-        offsets = []
-        offset = 0
-        for p in plan.params:
-            offsets.append(offset)
-            offset += p.numel()
-        ws = _Workspace(
-            g_flat=g_flat,
-            d_flat=d_flat,
-            g=[view_like(g_flat, o, p) for o, p in zip(offsets, plan.params)],
-            d=[view_like(d_flat, o, p) for o, p in zip(offsets, plan.params)],
-        )
-        plan.cache[name] = ws
-    return ws
-
-
 def supports(dtype: torch.dtype) -> bool:
     """Every real floating dtype."""
     return dtype.is_floating_point
+
+
+def _direction_views(plan: DevicePlan) -> tuple[Tensor, list[Tensor]]:
+    """The plan's flat fp32 direction buffer and its per-tensor views, made once per plan."""
+    cached = plan.cache.get(name)
+    if cached is None:
+        flat = torch.empty(sum(p.numel() for p in plan.params), dtype=torch.float32, device=plan.device)
+        views, offset = [], 0
+        for p in plan.params:
+            views.append(view_like(flat, offset, p))
+            offset += p.numel()
+        cached = plan.cache[name] = (flat, views)
+    return cached
 
 
 def _pick(items: list[Tensor], positions: list[int]) -> list[Tensor]:
@@ -61,23 +50,22 @@ def _pick(items: list[Tensor], positions: list[int]) -> list[Tensor]:
 
 def sq_norm(plan: DevicePlan) -> Tensor:
     """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
-    ws = _workspace(plan)
-    torch._foreach_copy_(ws.g, plan.grads)
+    flat, d = _direction_views(plan)
+    torch._foreach_copy_(d, plan.grads)
     if plan.inv_scale is not None:
-        ws.g_flat.mul_(plan.inv_scale)
-    ws.d_flat.copy_(ws.g_flat)
-    partials = []
+        flat.mul_(plan.inv_scale)
+    if plan.momentum is not None:
+        # sigma is read from the device table, so a schedule needs no new CUDA graph.
+        torch._foreach_addcmul_(d, plan.momentum, list((-plan.coef[:, SIGMA]).unbind()))
+    norms = []
     for group, positions in plan.group_positions:
-        _, sigma, _, adaptive = plan.group_hparams[group]
-        d = _pick(ws.d, positions)
-        if plan.momentum is not None and sigma != 0.0:
-            torch._foreach_add_(d, _pick(plan.momentum, positions), alpha=-sigma)
-        if adaptive:
-            d = torch._foreach_mul(d, torch._foreach_abs(_pick(plan.params, positions)))
-        partials.extend(torch._foreach_powsum(d, 2))
-    if not partials:
+        d_group = _pick(d, positions)
+        if plan.group_hparams[group][ADAPTIVE]:
+            d_group = torch._foreach_mul(d_group, torch._foreach_abs(_pick(plan.params, positions)))
+        norms.extend(torch._foreach_norm(d_group))
+    if not norms:
         return torch.zeros((), dtype=torch.float32, device=plan.device)
-    return torch.stack(partials).sum()
+    return torch.stack(norms).square().sum()
 
 
 def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
@@ -86,25 +74,23 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     A non-finite ``total_sq_norm`` turns the step into a no-op for parameters and
     momentum (the backup is still written, so ``restore_`` stays unconditional).
     """
-    ws = _workspace(plan)
+    flat, d = _direction_views(plan)
     step_ok = torch.isfinite(total_sq_norm)
-    ws.g_flat.masked_fill_(~step_ok, 0.0)
-    ws.d_flat.masked_fill_(~step_ok, 0.0)
+    torch.where(step_ok, flat, flat.new_zeros(()), out=flat)
     inv_norm = step_ok.float() / (total_sq_norm.sqrt() + plan.eps)
     torch._foreach_copy_(plan.backup, plan.params)
     if plan.momentum is not None:
-        # m <- lmbda * m + (1 - lmbda) * g as a lerp towards g; weight 0 leaves m as is.
-        weight = (1.0 - plan.coef[:, LMBDA]) * step_ok
-        torch._foreach_lerp_(plan.momentum, ws.g, list(weight.unbind()))
+        lmbda, sigma = plan.coef[:, LMBDA], plan.coef[:, SIGMA]
+        keep = torch.where(step_ok, lmbda + (1.0 - lmbda) * sigma, 1.0)
+        take = (1.0 - lmbda) * step_ok
+        torch._foreach_mul_(plan.momentum, list(keep.unbind()))
+        torch._foreach_addcmul_(plan.momentum, d, list(take.unbind()))
     for group, positions in plan.group_positions:
-        rho, _, _, adaptive = plan.group_hparams[group]
-        d = _pick(ws.d, positions)
-        params = _pick(plan.params, positions)
-        if adaptive:
-            torch._foreach_mul_(d, params)
-            torch._foreach_mul_(d, params)
-        torch._foreach_mul_(d, inv_norm * rho)
-        torch._foreach_add_(params, d)
+        if plan.group_hparams[group][ADAPTIVE]:
+            d_group, params = _pick(d, positions), _pick(plan.params, positions)
+            torch._foreach_mul_(d_group, params)
+            torch._foreach_mul_(d_group, params)
+    torch._foreach_addcmul_(plan.params, d, list((inv_norm * plan.coef[:, RHO]).unbind()))
 
 
 def restore_(plan: DevicePlan) -> None:

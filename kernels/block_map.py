@@ -1,0 +1,48 @@
+"""The block map: the work of a tensor list cut into fixed-size chunks, one per program.
+
+Each entry is ``(tensor index, start, count)``: program ``c`` of a launch handles
+elements ``[start, start + count)`` of tensor ``index`` (``count <= CHUNK``). Built once
+per plan and element type; it depends only on the tensors' sizes, so it stays valid
+while their addresses change. Empty tensors get no entry; a 0-dim tensor gets one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .tensor_table import upload
+
+# Elements per program. Large enough that the per-program set-up (three dependent
+# loads before the first data load) is small next to the streaming, small enough that
+# a large model gives every SM several programs and the last wave is short.
+CHUNK = 1 << 14
+
+ENTRY = 3
+
+
+def chunk_entries(numels: list[int], indices: list[int], chunk: int = CHUNK) -> list[list[int]]:
+    """``[index, start, count]`` for every chunk of the tensors at ``indices``."""
+    entries = []
+    for i in indices:
+        for start in range(0, numels[i], chunk):
+            entries.append([i, start, min(chunk, numels[i] - start)])
+    return entries
+
+
+def build_block_map(numels: list[int], indices: list[int], device: torch.device) -> Tensor:
+    """The int64 ``[chunks, 3]`` map of the tensors at ``indices`` on ``device``."""
+    entries = chunk_entries(numels, indices)
+    block_map = torch.empty((len(entries), ENTRY), dtype=torch.int64, device=device)
+    if entries:
+        upload(entries, block_map)
+    return block_map
+
+
+@triton.jit
+def load_entry(block_map, c):
+    """Tensor index, first element and element count of chunk ``c``."""
+    entry = block_map + c * 3
+    return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)

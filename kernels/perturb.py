@@ -1,0 +1,95 @@
+"""``perturb_``: one pass per element that saves, updates momentum and perturbs.
+
+Per element of a tensor with coefficients ``rho, sigma, lmbda, adaptive``:
+``backup <- p``; ``g = grad * inv_scale``; ``d = g - sigma * m``;
+``m <- lmbda * m + (1 - lmbda) * g``; ``p <- p + (p * p if adaptive else 1) * d * scale``
+with ``scale = rho / (sqrt(total) + eps)`` computed in every program from the total in
+device memory. When the total is not finite the stores of ``m`` and ``p`` are masked
+off, so they stay bit-identical (multiplying by a zero flag would not: 0 * inf is NaN);
+the backup is written either way so that ``restore_`` stays unconditional.
+
+Not autotuned: the kernel updates in place, and Triton can restore only tensors passed
+as arguments between tuning runs, not those reached through the tensor table.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .block_map import load_entry
+from .coef import load_coef
+from .common import fixed
+from .plan_arrays import PlanArrays
+from .tensor_table import BACKUP, GRAD, MOMENTUM, PARAM, tensor_ptr
+
+
+@triton.jit
+def _perturb_kernel(
+    table,
+    n,
+    block_map,
+    coef,
+    inv_scale,
+    total_sq_norm,
+    eps,
+    ELEMENT: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t, start, count = load_entry(block_map, c)
+    rho, sigma, lmbda, adaptive = load_coef(coef, t)
+    total = tl.load(total_sq_norm)
+    ok = tl.abs(total) < float("inf")  # False for NaN too
+    # Stores of m and p reach elements below this bound only (see sq_norm.py on why a bound).
+    update_limit = tl.where(ok, count, 0)
+    scale = tl.div_rn(rho, tl.sqrt_rn(total) + eps)
+    unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
+    p_ptr = tensor_ptr(table, n, PARAM, t, ELEMENT) + start
+    g_ptr = tensor_ptr(table, n, GRAD, t, ELEMENT) + start
+    b_ptr = tensor_ptr(table, n, BACKUP, t, ELEMENT) + start
+    if HAS_MOMENTUM:
+        m_ptr = tensor_ptr(table, n, MOMENTUM, t, tl.float32) + start
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        inside = idx < count
+        update = idx < update_limit
+        p_stored = tl.load(p_ptr + idx, mask=inside)
+        tl.store(b_ptr + idx, p_stored, mask=inside)
+        g = tl.load(g_ptr + idx, mask=update, other=0.0).to(tl.float32)
+        if HAS_INV_SCALE:
+            g = g * unscale
+        d = g
+        if HAS_MOMENTUM:
+            m = tl.load(m_ptr + idx, mask=update, other=0.0)
+            d = g - sigma * m
+            tl.store(m_ptr + idx, m * lmbda + g * (1.0 - lmbda), mask=update)
+        p = p_stored.to(tl.float32)
+        weight = tl.where(adaptive, p * p, 1.0)
+        tl.store(p_ptr + idx, (p + weight * d * scale).to(ELEMENT), mask=update)
+
+
+_launch = fixed(_perturb_kernel)
+
+
+def perturb_(
+    arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, total_sq_norm: Tensor, eps: float
+) -> None:
+    """Apply the perturbation to the plan described by ``arrays`` (see the module docstring)."""
+    for segment in arrays.segments:
+        _launch(
+            (segment.chunks,),
+            arrays.table,
+            arrays.n,
+            segment.block_map,
+            coef,
+            inv_scale if inv_scale is not None else coef,
+            total_sq_norm,
+            eps,
+            ELEMENT=segment.element,
+            HAS_MOMENTUM=arrays.has_momentum,
+            HAS_INV_SCALE=inv_scale is not None,
+        )

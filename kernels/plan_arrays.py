@@ -1,0 +1,70 @@
+"""The device arrays the kernels read for one plan, built once and kept with the plan.
+
+A plan's tensors are split by element type (one launch per op per type); each type's
+chunks get a :class:`Segment` with its own block map and a slice of the shared buffer
+of per-chunk partial sums. Only the gradient row of the tensor table changes between
+steps, and only when the gradients moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .block_map import build_block_map
+from .common import ELEMENT_TYPES
+from .tensor_table import GRAD, addresses, build_table, upload
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tensors of one element type: their block map and slots in the partials buffer."""
+
+    element: tl.dtype
+    block_map: Tensor
+    partials: slice
+
+    @property
+    def chunks(self) -> int:
+        return self.block_map.shape[0]
+
+
+class PlanArrays:
+    """Tensor table, block maps and partials buffer for one list of tensors.
+
+    Args:
+        params, grads, backup: equally long lists; ``momentum`` too, or None.
+    """
+
+    def __init__(
+        self, params: list[Tensor], grads: list[Tensor], momentum: list[Tensor] | None, backup: list[Tensor]
+    ) -> None:
+        assert params, "a plan has at least one tensor"
+        device = params[0].device
+        self.n = len(params)
+        self.has_momentum = momentum is not None
+        self.table = build_table(params, grads, momentum, backup)
+        self._grad_addresses = addresses(grads)
+        numels = [p.numel() for p in params]
+        by_type: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_type.setdefault(p.dtype, []).append(i)
+        self.segments: list[Segment] = []
+        offset = 0
+        for dtype, indices in by_type.items():
+            block_map = build_block_map(numels, indices, device)
+            chunks = block_map.shape[0]
+            if chunks:
+                self.segments.append(Segment(ELEMENT_TYPES[dtype], block_map, slice(offset, offset + chunks)))
+            offset += chunks
+        self.partials = torch.empty(offset, dtype=torch.float32, device=device)
+
+    def use_grads(self, grads: list[Tensor]) -> None:
+        """Point the table at ``grads``; uploads only when an address changed."""
+        current = addresses(grads)
+        if current != self._grad_addresses:
+            upload(current, self.table[GRAD.value])
+            self._grad_addresses = current

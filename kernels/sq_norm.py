@@ -1,0 +1,94 @@
+"""``sq_norm``: the fp32 sum over a plan of ``||a * d||^2``, reduced on the device.
+
+Two stages, as in apex's ``multi_tensor_l2norm``: every chunk of the block map writes
+its partial sum to its own slot, then one program adds the slots up in a fixed order.
+No atomics, so the result is the same bit for bit on every run.
+
+Per element: ``g = grad * inv_scale``, ``d = g - sigma * m``, ``a = |p|`` if the tensor's
+group is adaptive else 1. ``m`` is read only where ``sigma != 0`` and ``p`` only where
+adaptive: masked-off loads cost no memory traffic. (The masks are bounds, ``idx < limit``,
+rather than ``inside & flag``: the interpreter of Triton 3.8 cannot ``&`` a block mask
+with a scalar flag.)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .block_map import load_entry
+from .coef import load_coef
+from .common import autotuned
+from .plan_arrays import PlanArrays
+from .tensor_table import GRAD, MOMENTUM, PARAM, tensor_ptr
+
+_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _partials_kernel(
+    table,
+    n,
+    block_map,
+    coef,
+    inv_scale,
+    partials,
+    ELEMENT: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t, start, count = load_entry(block_map, c)
+    _, sigma, _, adaptive = load_coef(coef, t)
+    unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
+    p_ptr = tensor_ptr(table, n, PARAM, t, ELEMENT) + start
+    g_ptr = tensor_ptr(table, n, GRAD, t, ELEMENT) + start
+    if HAS_MOMENTUM:
+        m_ptr = tensor_ptr(table, n, MOMENTUM, t, tl.float32) + start
+    m_limit = tl.where(sigma != 0, count, 0)
+    p_limit = tl.where(adaptive, count, 0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        d = tl.load(g_ptr + idx, mask=idx < count, other=0.0).to(tl.float32)
+        if HAS_INV_SCALE:
+            d = d * unscale
+        if HAS_MOMENTUM:
+            d = d - sigma * tl.load(m_ptr + idx, mask=idx < m_limit, other=0.0)
+        a = tl.abs(tl.load(p_ptr + idx, mask=idx < p_limit, other=1.0).to(tl.float32))
+        ad = a * d
+        acc += ad * ad
+    tl.store(partials + c, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sum_kernel(values, count, out, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        acc += tl.load(values + idx, mask=idx < count, other=0.0)
+    tl.store(out, tl.sum(acc, axis=0))
+
+
+# Writing the partials again gives the same partials, so tuning runs are harmless.
+_launch_partials = autotuned(_partials_kernel, key=["ELEMENT", "HAS_MOMENTUM"])
+
+
+def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Tensor) -> None:
+    """Write ``sum ||a * d||^2`` over the plan described by ``arrays`` into the 0-dim ``out``."""
+    for segment in arrays.segments:
+        _launch_partials(
+            (segment.chunks,),
+            arrays.table,
+            arrays.n,
+            segment.block_map,
+            coef,
+            inv_scale if inv_scale is not None else coef,
+            arrays.partials[segment.partials],
+            ELEMENT=segment.element,
+            HAS_MOMENTUM=arrays.has_momentum,
+            HAS_INV_SCALE=inv_scale is not None,
+        )
+    _sum_kernel[(1,)](arrays.partials, arrays.partials.numel(), out, BLOCK=_SUM_BLOCK, num_warps=4)

@@ -1,0 +1,56 @@
+"""The tensor table: where each tensor of a plan lives, as int64 addresses on the device.
+
+One int64 ``[ROWS, n]`` tensor per plan, one column per tensor: the addresses of the
+parameter, its gradient, momentum and backup. Kernels receive the table and ``n`` and
+turn an address into a typed pointer, so one launch reaches every tensor of the model.
+Every list shares the parameter's memory order, so each tensor is walked as flat
+storage from its address (channels_last included).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+PARAM, GRAD, MOMENTUM, BACKUP = (tl.constexpr(row) for row in range(4))
+ROWS = 4
+
+
+def upload(values: list[int] | list[list[int]], out: Tensor) -> None:
+    """Copy host integers into the int64 device tensor ``out`` without making the host wait.
+
+    A CUDA copy from pageable memory synchronises; from a freshly pinned buffer it is
+    asynchronous, and the caching host allocator keeps that buffer until the copy is done.
+    """
+    host = torch.tensor(values, dtype=torch.int64)
+    if out.device.type == "cuda":
+        host = host.pin_memory()
+    out.copy_(host.view_as(out), non_blocking=True)
+
+
+def addresses(tensors: list[Tensor]) -> list[int]:
+    """The data pointers of ``tensors``, in order."""
+    return [t.data_ptr() for t in tensors]
+
+
+def build_table(
+    params: list[Tensor], grads: list[Tensor], momentum: list[Tensor] | None, backup: list[Tensor]
+) -> Tensor:
+    """The table for one plan; the momentum row is 0 where the optimizer keeps none."""
+    rows = [
+        addresses(params),
+        addresses(grads),
+        addresses(momentum) if momentum is not None else [0] * len(params),
+        addresses(backup),
+    ]
+    table = torch.empty((ROWS, len(params)), dtype=torch.int64, device=params[0].device)
+    upload(rows, table)
+    return table
+
+
+@triton.jit
+def tensor_ptr(table, n, row: tl.constexpr, t, ELEMENT: tl.constexpr):
+    """Typed pointer to the first element of tensor ``t`` in ``row`` of the table."""
+    return tl.load(table + row * n + t).to(tl.pointer_type(ELEMENT))

@@ -1,0 +1,118 @@
+"""Bad input is refused with an error that names the argument; misuse of the call order too."""
+
+import pytest
+import torch
+
+from fsam_fused import SAM, FriendlySAM
+
+
+def _param():
+    return torch.nn.Parameter(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(rho=-0.1), ValueError, "rho"),
+        (dict(sigma=-1.0), ValueError, "sigma"),
+        (dict(lmbda=1.5), ValueError, "lmbda"),
+        (dict(lmbda=-0.1), ValueError, "lmbda"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(rho="0.1"), TypeError, "rho"),
+        (dict(adaptive=1), TypeError, "adaptive"),
+        (dict(backend="cuda-magic"), ValueError, "backend"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FriendlySAM([_param()], torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_invalid_group_hyperparameters_are_refused():
+    with pytest.raises(ValueError, match="lmbda"):
+        FriendlySAM([dict(params=[_param()], lmbda=2.0)], torch.optim.SGD, lr=0.1)
+    opt = FriendlySAM([_param()], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group(dict(params=[_param()], rho=-1.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_group_hyperparameter_set_invalid_between_steps_is_refused(backend):
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend=backend)
+    opt.param_groups[0]["rho"] = -0.5
+    p.grad = torch.randn(3)
+    with pytest.raises(ValueError, match="rho"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("base", [None, 3, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)])
+def test_base_optimizer_must_be_a_class(base):
+    with pytest.raises(TypeError, match="base_optimizer"):
+        FriendlySAM([_param()], base, lr=0.1)
+
+
+def test_base_optimizer_that_builds_something_else_is_refused():
+    with pytest.raises(TypeError, match="base_optimizer"):
+        FriendlySAM([_param()], lambda groups, **kw: object(), lr=0.1)
+
+
+def test_complex_parameters_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        FriendlySAM([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_sparse_gradients_are_refused(backend):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = FriendlySAM(emb.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_second_step_before_first_step_is_refused(backend):
+    opt = FriendlySAM([_param()], torch.optim.SGD, lr=0.1, backend=backend)
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_first_step_twice_is_refused(backend):
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend=backend)
+    p.grad = torch.randn(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.first_step()
+
+
+def test_step_without_closure_is_refused():
+    opt = SAM([_param()], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+
+
+def test_unavailable_backend_says_how_to_get_it(monkeypatch):
+    from fsam_fused import backends
+
+    monkeypatch.setitem(backends._loaded, "native", None)
+    monkeypatch.setitem(backends._load_errors, "native", "No module named 'fsam_fused._C'")
+    with pytest.raises(RuntimeError, match="pip install"):
+        FriendlySAM([_param()], torch.optim.SGD, lr=0.1, backend="native")
+    # auto falls back instead of failing
+    opt = FriendlySAM([_param()], torch.optim.SGD, lr=0.1, backend="auto")
+    opt.param_groups[0]["params"][0].grad = torch.randn(3)
+    opt.first_step()
+    assert {b.name for b, _ in opt._pending.plans} <= {"torch", "triton"}
+
+
+def test_non_dense_parameter_is_refused_with_a_clear_error():
+    base = torch.randn(4, 6)
+    p = torch.nn.Parameter(base[:, ::2])
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend="torch")
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="dense"):
+        opt.first_step()

@@ -1,0 +1,66 @@
+"""torch.compile traces first_step/second_step without graph breaks and matches eager.
+
+State and plans are built by one eager step first. With a fused base optimizer neither
+half reads anything back to the host: first_step compiles to one graph, and second_step
+breaks only where torch.optim's own step does."""
+
+import pytest
+import torch
+
+from fsam_fused import FriendlySAM
+from tests.cases import CPU_FAST_BACKENDS
+
+
+def _setup(backend, seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((10,), (3, 4), (2, 3, 2, 2))]
+    opt = FriendlySAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, fused=True, backend=backend)
+    return params, opt
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def _step(params, first_step, second_step, seed):
+    for p, g in zip(params, _grads(params, seed)):
+        p.grad = g
+    first_step()
+    for p, g in zip(params, _grads(params, seed + 1)):
+        p.grad = g
+    second_step()
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+def test_second_step_breaks_only_inside_the_base_optimizer(backend):
+    params, opt = _setup(backend)
+    _step(params, opt.first_step, opt.second_step, seed=0)
+    for p, g in zip(params, _grads(params, 2)):
+        p.grad = g
+    opt.first_step()
+    explanation = torch._dynamo.explain(opt.second_step)()
+    assert explanation.graph_count >= 1
+    # torch.optim.Optimizer.step graph-breaks on purpose around every step (see
+    # torch/optim/optimizer.py, _use_grad_for_differentiable); nothing else may.
+    for reason in explanation.break_reasons:
+        assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+def test_compiled_steps_match_eager(backend):
+    params, opt = _setup(backend)
+    eager_params, eager = _setup(backend)
+    _step(params, opt.first_step, opt.second_step, seed=0)
+    _step(eager_params, eager.first_step, eager.second_step, seed=0)
+    # fullgraph=True raises on any graph break inside first_step.
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(opt.second_step, backend="aot_eager")
+    for seed in range(2, 12, 2):
+        _step(params, first, second, seed)
+        _step(eager_params, eager.first_step, eager.second_step, seed)
+        opt.param_groups[0]["rho"] *= 1.5  # a schedule between steps
+        eager.param_groups[0]["rho"] *= 1.5
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["momentum"], eager.state[q]["momentum"], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,115 @@
+"""A NaN or Inf gradient skips the whole step: parameters, momentum and base state untouched."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from fsam_fused import FriendlySAM
+from tests.cases import CPU_BACKENDS
+
+
+def _setup(backend, fused=False, base=torch.optim.SGD, **base_kwargs):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((5,), (3, 4), (65537,))]
+    kwargs = dict(lr=0.1, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-2)
+    kwargs.update(base_kwargs)
+    if fused:
+        kwargs["fused"] = True
+    opt = FriendlySAM(params, base, rho=0.1, sigma=1.0, lmbda=0.6, backend=backend, **kwargs)
+    return params, opt
+
+
+def _full_step(params, opt, first_grads, second_grads=None):
+    for p, g in zip(params, first_grads):
+        p.grad = g
+    opt.first_step(zero_grad=True)
+    for p, g in zip(params, second_grads or [torch.randn_like(p) for p in params]):
+        p.grad = g
+    opt.second_step(zero_grad=True)
+
+
+def _snapshot(params, opt):
+    momentum = [opt.state[p]["momentum"].clone() for p in params]
+    base = {
+        k: v.clone() for p in params for k, v in opt.base_optimizer.state[p].items() if torch.is_tensor(v)
+    }
+    return [p.detach().clone() for p in params], momentum, base
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach_base", "fused_base"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_gradient_skips_the_whole_step(backend, fused, bad):
+    params, opt = _setup(backend, fused)
+    for _ in range(2):  # seed momentum and base state first
+        _full_step(params, opt, [torch.randn_like(p) for p in params])
+    before = _snapshot(params, opt)
+    grads = [torch.randn_like(p) for p in params]
+    grads[2][12345] = bad
+    _full_step(params, opt, grads)
+    after = _snapshot(params, opt)
+    for b, a in zip(before[0] + before[1], after[0] + after[1]):
+        assert torch.equal(a, b)
+    assert before[2].keys() == after[2].keys()
+    for k in before[2]:
+        assert torch.equal(before[2][k], after[2][k])
+    assert opt.skipped_steps == 1
+    _full_step(params, opt, [torch.randn_like(p) for p in params])
+    assert opt.skipped_steps == 1
+    assert not torch.equal(params[0], before[0][0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_skipped_first_step_leaves_momentum_unseeded(backend):
+    params, opt = _setup(backend)
+    grads = [torch.randn_like(p) for p in params]
+    grads[0][0] = math.nan
+    _full_step(params, opt, grads)
+    good = [torch.randn_like(p) for p in params]
+    _full_step(params, opt, good)
+    for p, g in zip(params, good):
+        torch.testing.assert_close(opt.state[p]["momentum"], g)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_overflowing_squared_norm_counts_as_non_finite(backend):
+    params, opt = _setup(backend)
+    grads = [torch.full_like(p, 1e30) for p in params]
+    before = [p.detach().clone() for p in params]
+    _full_step(params, opt, grads)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.skipped_steps == 1
+
+
+@contextlib.contextmanager
+def _host_reads_forbidden():
+    """Make every way of reading a tensor back to the host raise."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor value inside the step")
+
+    names = ("item", "__bool__", "tolist", "__float__", "__int__", "cpu", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_fused_base_step_reads_nothing_back_to_the_host(backend, base):
+    params, opt = _setup(backend, fused=True, base=base)
+    _full_step(params, opt, [torch.randn_like(p) for p in params])
+    firsts = [torch.randn_like(p) for p in params]
+    firsts[1][0, 0] = math.inf
+    seconds = [torch.randn_like(p) for p in params]
+    with _host_reads_forbidden():
+        _full_step(params, opt, firsts, seconds)
+        _full_step(params, opt, [torch.randn_like(p) for p in params], seconds)
+    assert opt.skipped_steps == 1

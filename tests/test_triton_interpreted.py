@@ -1,0 +1,233 @@
+"""The Triton kernels on the CPU under TRITON_INTERPRET=1, against the reference loop.
+
+Triton decides whether to interpret a kernel when it is decorated, that is when the
+kernels are imported, and other test modules import the backends earlier in a plain
+``pytest tests/`` run. So this module runs only in a process started with the variable
+set: ``tests/test_triton_interpreter_run.py`` starts one, or run it directly with
+``TRITON_INTERPRET=1 python -m pytest tests/test_triton_interpreted.py``.
+
+The interpreter runs every program in Python, so the large shared cases are replaced by
+smaller ones with the same shape of problem, and runs take 3 steps (enough for the EMA).
+"""
+
+import dataclasses
+import inspect
+import math
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fsam_fused import FriendlySAM, backends  # noqa: E402
+from tests import test_grad_scaler, test_mixed_precision, test_nonfinite, test_semantics  # noqa: E402
+from tests.cases import CASES, assert_traces_close, run  # noqa: E402
+
+triton_backend = backends._load("triton")
+if triton_backend is None or "cpu" not in triton_backend.device_types:
+    pytest.skip(
+        "runs in a process started with TRITON_INTERPRET=1 (tests/test_triton_interpreter_run.py)",
+        allow_module_level=True,
+    )
+
+CHUNK = triton_backend.kernels.block_map.CHUNK
+BLOCK = triton_backend.kernels.common.FIXED_CONFIG.block
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STEPS = 3
+
+
+def _interpreter_cases():
+    edges = (BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + BLOCK + 7, 3)
+    smaller = {
+        "chunk_boundaries": lambda c: dataclasses.replace(
+            c, shapes=tuple((n,) for n in edges), groups=(dict(), dict(adaptive=True, rho=0.05))
+        ),
+        "many_tiny": lambda c: dataclasses.replace(c, shapes=c.shapes[:40]),
+        "few_large": lambda c: dataclasses.replace(c, shapes=((2 * CHUNK + 5,), (97, 301))),
+        "sam": lambda c: dataclasses.replace(c, shapes=((50,), (7, 7), (CHUNK + 1,))),
+    }
+    return [smaller.get(c.name, lambda c: c)(c) for c in CASES]
+
+
+CASES_HERE = _interpreter_cases()
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("triton".join(map(str, parts)).encode()) % 10_000
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES_HERE, ids=[c.name for c in CASES_HERE])
+def test_triton_matches_reference_over_steps(case, dtype):
+    seed = _seed(case.name, dtype)
+    expected = run(case, "reference", dtype=dtype, seed=seed, steps=STEPS)
+    actual = run(case, "triton", dtype=dtype, seed=seed, steps=STEPS)
+    assert_traces_close(actual, expected, dtype)
+
+
+def _mixed_params(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes_and_types = [
+        ((33,), torch.float32), ((CHUNK + 9,), torch.bfloat16), ((7, 5), torch.float16),
+        ((), torch.bfloat16), ((129,), torch.float32), ((2, 3, 4), torch.float16), ((64,), torch.float64),
+    ]  # fmt: skip
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(t)) for s, t in shapes_and_types]
+
+
+def _run_mixed(backend, seed, steps=STEPS):
+    params = _mixed_params(seed)
+    groups = [dict(params=params[0::2]), dict(params=params[1::2], adaptive=True, sigma=0.5, rho=0.2)]
+    opt = FriendlySAM(groups, torch.optim.SGD, rho=0.1, lmbda=0.6, lr=0.05, backend=backend)
+    g = torch.Generator().manual_seed(seed + 1)
+    perturbed = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.first_step(zero_grad=True)
+        perturbed.append([p.detach().clone() for p in params])
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        opt.second_step(zero_grad=True)
+    return perturbed, [p.detach().clone() for p in params], [opt.state[p]["momentum"].clone() for p in params]
+
+
+def test_one_plan_of_mixed_element_types_matches_reference():
+    """fp32, bf16 and fp16 share a plan (one launch each); fp64 falls back to the torch backend."""
+    seed = _seed("mixed")
+    actual, expected = _run_mixed("triton", seed), _run_mixed("reference", seed)
+    for a_list, e_list in zip(actual[0] + [actual[1], actual[2]], expected[0] + [expected[1], expected[2]]):
+        for a, e in zip(a_list, e_list):
+            tol = dict(rtol=2e-2, atol=2e-2) if a.dtype in (torch.bfloat16, torch.float16) else {}
+            torch.testing.assert_close(a, e, **tol)
+
+
+def test_table_follows_gradients_that_moved():
+    """New gradient tensors at new addresses every step are read, not the old ones."""
+    case = dataclasses.replace(CASES[0], name="moving", shapes=((50,), (CHUNK + 3,), (4, 4)))
+    seed = _seed("moving")
+    expected = run(case, "reference", seed=seed, steps=STEPS)
+    keep_alive = []
+    original = torch.Tensor.to
+
+    def to_fresh_memory(t, *args, **kwargs):
+        # Keeping every gradient alive forces each new one to a new address.
+        out = original(t, *args, **kwargs).clone()
+        keep_alive.append(out)
+        return out
+
+    torch.Tensor.to = to_fresh_memory
+    try:
+        actual = run(case, "triton", seed=seed, steps=STEPS)
+    finally:
+        torch.Tensor.to = original
+    assert len({t.data_ptr() for t in keep_alive}) == len(keep_alive)
+    assert_traces_close(actual, expected, torch.float32)
+
+
+def _plan(seed, inv_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((5,), (CHUNK + 1,), (3, 7))]
+    opt = FriendlySAM(
+        [dict(params=params[:2]), dict(params=params[2:], adaptive=True)], torch.optim.SGD, lr=0.1,
+        backend="triton",
+    )  # fmt: skip
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt._device_states()
+    opt.state[params[0]]["momentum"].copy_(torch.randn(5, generator=g))
+    opt.state[params[0]]["momentum_seeded"].fill_(1.0)
+    hparams = [opt._hparams(i, grp) for i, grp in enumerate(opt.param_groups)]
+    ((_, plan),) = opt._step_plans(hparams)
+    plan.inv_scale = inv_scale
+    return plan
+
+
+@pytest.mark.parametrize("inv_scale", [None, 0.125], ids=["no_scale", "inv_scale"])
+def test_sq_norm_writes_every_partial_and_matches_torch_backend(inv_scale):
+    seed = _seed("sq_norm", inv_scale)
+    scale = None if inv_scale is None else torch.tensor(inv_scale)
+    plan = _plan(seed, scale)
+    expected = backends.resolve("torch", "cpu").sq_norm(_plan(seed, scale))
+    triton_backend.sq_norm(plan)
+    plan.cache["triton"].partials.fill_(math.nan)
+    actual = triton_backend.sq_norm(plan)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+    assert actual.dim() == 0 and actual.dtype == torch.float32
+
+
+@pytest.mark.parametrize("total", [math.inf, math.nan], ids=["inf", "nan"])
+def test_non_finite_total_leaves_params_and_momentum_bit_identical_and_writes_backup(total):
+    plan = _plan(_seed("skip", total))
+    for b in plan.backup:
+        b.fill_(math.nan)
+    before = [p.detach().clone() for p in plan.params]
+    momentum = [m.clone() for m in plan.momentum]
+    triton_backend.perturb_(plan, torch.tensor(total))
+    for p, b, old in zip(plan.params, plan.backup, before):
+        assert torch.equal(p, old) and torch.equal(b, old)
+    for m, old in zip(plan.momentum, momentum):
+        assert torch.equal(m, old)
+
+
+def test_restore_is_bit_exact_for_every_element_type():
+    g = torch.Generator().manual_seed(_seed("restore"))
+    params = [torch.randn(n, generator=g).to(t) for n, t in ((CHUNK + 2, torch.float16), (9, torch.bfloat16))]
+    params.append(torch.randn(BLOCK + 1, generator=g))
+    backup = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    arrays = triton_backend.kernels.PlanArrays(params, params, None, backup)
+    triton_backend.kernels.restore_(arrays)
+    for p, b in zip(params, backup):
+        assert torch.equal(p.view(torch.int16 if p.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))  # fmt: skip
+
+
+def test_two_runs_are_bitwise_equal():
+    case = CASES[4]
+    first, second = (run(case, "triton", seed=_seed("determinism"), steps=2) for _ in range(2))
+    for a_step, b_step in zip(first.perturbed + first.updated, second.perturbed + second.updated):
+        for a, b in zip(a_step, b_step):
+            assert torch.equal(a, b)
+
+
+# The shared behaviour checks that take a backend, run with this one.
+SHARED_CHECKS = {
+    "nonfinite_skips_whole_step": lambda: [
+        test_nonfinite.test_non_finite_gradient_skips_the_whole_step("triton", fused, bad)
+        for fused in (False, True)
+        for bad in (math.nan, math.inf)
+    ],
+    "nonfinite_first_step_unseeded": lambda: test_nonfinite.test_skipped_first_step_leaves_momentum_unseeded(
+        "triton"
+    ),
+    "overflowing_norm": lambda: test_nonfinite.test_overflowing_squared_norm_counts_as_non_finite("triton"),
+    "fused_base_no_host_read": lambda: test_nonfinite.test_fused_base_step_reads_nothing_back_to_the_host(
+        "triton", torch.optim.SGD
+    ),
+    "grad_scaler_matches_unscaled": lambda: [
+        test_grad_scaler.test_scaled_steps_match_unscaled_steps("triton", clip) for clip in (None, 0.5)
+    ],
+    "grad_scaler_overflow": lambda: [
+        test_grad_scaler.test_overflow_in_either_pass_skips_the_whole_step_and_backs_off(
+            "triton", True, where
+        )
+        for where in ("first", "second")
+    ],
+    "grad_scaler_no_host_read": lambda: test_grad_scaler.test_scaled_step_with_fused_base_reads_nothing_back(
+        "triton"
+    ),
+    "half_backup_bit_exact": lambda: [
+        test_mixed_precision.test_half_precision_backup_restores_bit_exactly("triton", dtype)
+        for dtype in (torch.bfloat16, torch.float16)
+    ],
+    "semantics": lambda: [
+        check("triton")
+        for name, check in vars(test_semantics).items()
+        if name.startswith("test_") and "backend" in inspect.signature(check).parameters
+    ],
+}
+
+
+@pytest.mark.parametrize("check", SHARED_CHECKS)
+def test_shared_behaviour_holds_for_triton(check):
+    SHARED_CHECKS[check]()

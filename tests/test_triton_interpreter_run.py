@@ -1,0 +1,52 @@
+"""Start the interpreted Triton tests in a process with TRITON_INTERPRET=1, and check availability.
+
+See ``tests/test_triton_interpreted.py`` for why they need a process of their own.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **env}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_triton_kernels_pass_their_tests_under_the_interpreter():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process interprets already: test_triton_interpreted.py runs in it directly")
+    result = _python(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_interpreted.py"],
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[
+        -2000:
+    ]
+
+
+def test_without_triton_the_backend_is_unavailable_with_a_hint():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import fsam_fused, torch\n"
+        "assert 'triton' not in fsam_fused.available_backends()\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "try:\n"
+        "    fsam_fused.FriendlySAM([p], torch.optim.SGD, lr=0.1, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'pip install triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('backend=triton was accepted without triton')\n"
+    )
+    result = _python(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
