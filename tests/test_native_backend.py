@@ -20,7 +20,7 @@ def test_optimizer_steps_run_the_native_plan():
     for p in params:
         p.grad = torch.randn_like(p)
     opt.first_step()
-    assert [backend.name for backend, _ in opt._current_plans] == ["native"]
+    assert [backend.name for backend, _ in opt._pending.plans] == ["native"]
     opt.second_step()
 
 
