@@ -36,7 +36,7 @@ def compare(actual: Sequence[Tensor], expected: Sequence[Tensor], what: str, **t
     assert len(actual) == len(expected), f"{what}: {len(actual)} vs {len(expected)} tensors"
     rtol, atol = tolerance["rtol"], tolerance["atol"]
     worst, worst_at = 0.0, ""
-    for i, (a, e) in enumerate(zip(actual, expected)):
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         a, e = a.detach().float().cpu(), e.detach().float().cpu()
         if a.shape != e.shape:
             return Verdict(False, f"{what}[{i}]: shape {tuple(a.shape)} vs {tuple(e.shape)}")

@@ -131,4 +131,6 @@ class TinyTower(nn.Module):
 
     def __init__(self, width: int = 8, depth: int = 1000) -> None:
         super().__init__()
-        self.layers = nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(depth)))
+        self.layers = nn.Sequential(
+            *(nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(depth))
+        )

@@ -2,8 +2,9 @@
 
 Timing: warm-up calls first, then repetitions until both a minimum count and a time
 budget are reached (bounded by a maximum count). On CUDA each phase is bracketed by CUDA
-events and read after one synchronisation at the end, so the host never waits between
-phases; on the CPU the kernels run synchronously and ``perf_counter`` brackets them.
+events that are read after one synchronisation at the end, so the host never waits
+between phases; on the CPU the kernels run synchronously and ``perf_counter`` brackets
+them. Competing cases are interleaved repetition by repetition.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,59 +62,68 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_phases(
-    phases: Sequence[Callable[[], None]], device: torch.device, budget: Budget
-) -> tuple[list[Summary], Summary]:
-    """Run ``phases`` in order repeatedly; return a :class:`Summary` per phase and one of
-    their per-repetition sums."""
+Phases = Sequence[Callable[[], None]]
+
+
+def time_interleaved(
+    cases: Mapping[str, Phases], device: torch.device, budget: Budget
+) -> dict[str, tuple[list[Summary], Summary]]:
+    """Time several cases, one repetition of each in turn, so that load from other
+    processes on a shared machine falls on all of them alike.
+
+    Each case is a sequence of phases run in order; returns per case a :class:`Summary`
+    per phase and one of the per-repetition sums.
+    """
     for _ in range(budget.warmup):
-        for phase in phases:
-            phase()
+        for phases in cases.values():
+            for phase in phases:
+                phase()
     synchronize(device)
-    if device.type == "cuda":
-        samples = _time_cuda(phases, device, budget)
-    else:
-        samples = _time_host(phases, budget)
-    totals = [sum(rep) for rep in zip(*samples)]
-    return [Summary.of(s) for s in samples], Summary.of(totals)
-
-
-def _time_host(phases: Sequence[Callable[[], None]], budget: Budget) -> list[list[float]]:
-    samples: list[list[float]] = [[] for _ in phases]
+    sample = _cuda_sampler(device) if device.type == "cuda" else _host_sample
+    pending: dict[str, list[Callable[[], list[float]]]] = {name: [] for name in cases}
     start = time.perf_counter()
     for rep in range(budget.max_reps):
-        for i, phase in enumerate(phases):
-            t0 = time.perf_counter()
-            phase()
-            samples[i].append(1e3 * (time.perf_counter() - t0))
+        for name, phases in cases.items():
+            pending[name].append(sample(phases))
         if rep + 1 >= budget.min_reps and time.perf_counter() - start > budget.seconds:
-            break
-    return samples
-
-
-def _time_cuda(phases: Sequence[Callable[[], None]], device: torch.device, budget: Budget) -> list[list[float]]:
-    marks: list[list[torch.cuda.Event]] = []
-    start = time.perf_counter()
-    for rep in range(budget.max_reps):
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
-        events[0].record()
-        for phase, end in zip(phases, events[1:]):
-            phase()
-            end.record()
-        marks.append(events)
-        if rep + 1 >= budget.min_reps and time.perf_counter() - start > budget.seconds:
-            synchronize(device)  # the host ran ahead: include the queued work in the budget
+            synchronize(device)  # on CUDA the host runs ahead: count the queued work too
             if time.perf_counter() - start > budget.seconds:
                 break
     synchronize(device)
-    return [[ev[i].elapsed_time(ev[i + 1]) for ev in marks] for i in range(len(phases))]
+    out = {}
+    for name, reads in pending.items():
+        reps = [read() for read in reads]
+        per_phase = [Summary.of(list(column)) for column in zip(*reps, strict=True)]
+        out[name] = (per_phase, Summary.of([sum(r) for r in reps]))
+    return out
+
+
+def _host_sample(phases: Phases) -> Callable[[], list[float]]:
+    times = []
+    for phase in phases:
+        t0 = time.perf_counter()
+        phase()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return lambda: times
+
+
+def _cuda_sampler(device: torch.device) -> Callable[[Phases], Callable[[], list[float]]]:
+    def sample(phases: Phases) -> Callable[[], list[float]]:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
+        events[0].record()
+        for phase, end in zip(phases, events[1:], strict=True):
+            phase()
+            end.record()
+        return lambda: [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
+
+    return sample
 
 
 def copy_bandwidth(device: torch.device, numel: int, budget: Budget) -> float:
     """Copy bandwidth in bytes per second (bytes read plus written) on ``numel`` fp32 elements."""
     src = torch.rand(numel, device=device)
     dst = torch.empty_like(src)
-    _, summary = time_phases([lambda: dst.copy_(src)], device, budget)
+    _, summary = time_interleaved({"copy": [lambda: dst.copy_(src)]}, device, budget)["copy"]
     return 2 * src.nbytes / (summary.median * 1e-3)
 
 
