@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help=f"one of {', '.join(PRESETS)}, or all (default {DEFAULT_PRESET})",
+        help=f"{', '.join(PRESETS)}, a comma list, or all (default {DEFAULT_PRESET})",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"

@@ -68,10 +68,15 @@ def leading_slice(shapes: tuple[tuple[int, ...], ...], max_elements: int) -> tup
     return tuple(kept)
 
 
-def resolve_presets(name: str) -> list[str]:
-    """``name`` as a list of preset names (``all`` expands); raises ``ValueError`` if unknown."""
-    if name == "all":
+def resolve_presets(spec: str) -> list[str]:
+    """Preset names from ``spec``: one name, a comma list, or ``all``.
+
+    Raises ``ValueError`` naming the unknown preset and the choices.
+    """
+    if spec == "all":
         return list(PRESETS)
-    if name not in PRESETS:
-        raise ValueError(f"--preset {name!r} is not a preset; choose one of {', '.join(PRESETS)} or all")
-    return [name]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for name in names or [spec]:
+        if name not in PRESETS:
+            raise ValueError(f"--preset {name!r} is not a preset; choose from {', '.join(PRESETS)}, or all")
+    return list(dict.fromkeys(names))

@@ -25,8 +25,11 @@ def test_tiny_preset_is_thousands_of_tiny_tensors():
     assert max(numel((s,)) for s in shapes) <= 64
 
 
-def test_all_expands_to_every_preset_and_unknown_names_are_rejected():
+def test_preset_spec_takes_a_name_a_comma_list_or_all_and_rejects_unknown_names():
     assert resolve_presets("all") == list(PRESETS)
+    assert resolve_presets("vit_b16, resnet18") == ["vit_b16", "resnet18"]
+    with pytest.raises(ValueError, match="--preset 'resnet_18' is not a preset"):
+        resolve_presets("resnet18,resnet_18")
     with pytest.raises(ValueError, match="--preset 'resnet50' is not a preset"):
         resolve_presets("resnet50")
 
