@@ -53,19 +53,19 @@ def numel(shapes: tuple[tuple[int, ...], ...]) -> int:
     return sum(prod(s) for s in shapes)
 
 
-def leading_slice(shapes: tuple[tuple[int, ...], ...], max_elements: int) -> tuple[tuple[int, ...], ...]:
-    """The longest prefix of ``shapes`` within ``max_elements`` (at least one tensor).
+def subset_within(shapes: tuple[tuple[int, ...], ...], max_elements: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes, in order, that fit into ``max_elements`` when taken greedily.
 
-    Used to keep the correctness gate affordable on huge presets on the CPU while still
-    covering the preset's own mix of shapes.
+    Keeps the correctness gate affordable on huge presets on the CPU while still
+    covering the preset's own mix of shapes (a tensor bigger than the whole budget, such
+    as GPT-2's token embedding, is skipped rather than ending the selection).
     """
-    kept, total = [], 0
+    kept, left = [], max_elements
     for shape in shapes:
-        if kept and total + prod(shape) > max_elements:
-            break
-        kept.append(shape)
-        total += prod(shape)
-    return tuple(kept)
+        if prod(shape) <= left:
+            kept.append(shape)
+            left -= prod(shape)
+    return tuple(kept) or (min(shapes, key=prod),)
 
 
 def resolve_presets(spec: str) -> list[str]:

@@ -63,6 +63,7 @@ def run(
     started = time.perf_counter()
     machine = describe()
     record: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": machine,
         "device": str(device),
         "backends": ["reference", *backends],

@@ -22,7 +22,7 @@ from fsam_fused import FriendlySAM
 from .agreement import TOLERANCES, Verdict, compare
 from .bytes_model import step_bytes
 from .measure import Budget, Summary, peak_memory_bytes, time_interleaved
-from .presets import leading_slice, numel, parameter_shapes
+from .presets import numel, parameter_shapes, subset_within
 
 # The authors' CIFAR hyperparameters (DESIGN.md section 1).
 FSAM_KWARGS = dict(rho=0.1, sigma=1.0, lmbda=0.6)
@@ -150,7 +150,7 @@ def run_preset(
     of the model, so the backends can be timed interleaved.
     """
     shapes = parameter_shapes(preset)
-    gate_shapes = shapes if gate_max_elements is None else leading_slice(shapes, gate_max_elements)
+    gate_shapes = shapes if gate_max_elements is None else subset_within(shapes, gate_max_elements)
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
     for backend in ["reference", *[b for b in backend_names if b != "reference"]]:

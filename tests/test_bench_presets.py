@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.presets import PRESETS, leading_slice, numel, parameter_shapes, resolve_presets
+from benchmarks.presets import PRESETS, numel, parameter_shapes, resolve_presets, subset_within
 
 # Published parameter counts (tensors, elements) of the architectures.
 KNOWN_SIZES = {
@@ -34,9 +34,12 @@ def test_preset_spec_takes_a_name_a_comma_list_or_all_and_rejects_unknown_names(
         resolve_presets("resnet50")
 
 
-def test_leading_slice_stays_within_budget_but_keeps_at_least_one_tensor():
+def test_gate_subset_fits_the_budget_in_order_and_skips_oversized_tensors():
     shapes = parameter_shapes("gpt2")
-    sliced = leading_slice(shapes, 1 << 20)
-    assert sliced == shapes[: len(sliced)]
-    assert len(sliced) == 1  # the token embedding alone exceeds the budget
-    assert numel(leading_slice(parameter_shapes("resnet18"), 1 << 20)) <= 1 << 20
+    subset = subset_within(shapes, 1 << 22)
+    assert numel(subset) <= 1 << 22
+    assert shapes[0] not in subset  # the 38.6 M-element token embedding
+    assert len(subset) > 10
+    positions = [shapes.index(s) for s in subset]
+    assert positions == sorted(positions)
+    assert subset_within(((5,), (7,)), 3) == ((5,),)
