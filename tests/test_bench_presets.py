@@ -40,6 +40,6 @@ def test_gate_subset_fits_the_budget_in_order_and_skips_oversized_tensors():
     assert numel(subset) <= 1 << 22
     assert shapes[0] not in subset  # the 38.6 M-element token embedding
     assert len(subset) > 10
-    positions = [shapes.index(s) for s in subset]
-    assert positions == sorted(positions)
+    remaining = iter(shapes)
+    assert all(shape in remaining for shape in subset)  # a subsequence: the model's order is kept
     assert subset_within(((5,), (7,)), 3) == ((5,),)
