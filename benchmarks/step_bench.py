@@ -80,13 +80,18 @@ class StepResult:
 
 def make_params(shapes, device: torch.device, dtype: torch.dtype, seed: int) -> list[nn.Parameter]:
     """Random parameters of the given shapes, with random gradients attached."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     params = []
     for shape in shapes:
-        p = nn.Parameter(torch.randn(shape, generator=gen).to(device=device, dtype=dtype))
-        p.grad = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        p = nn.Parameter(_randn(shape, gen, device, dtype))
+        p.grad = _randn(shape, gen, device, dtype)
         params.append(p)
     return params
+
+
+def _randn(shape, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Drawn on the device itself: host-side draws of ViT/GPT-2 sizes would dominate a GPU run.
+    return torch.randn(shape, generator=gen, device=device).to(dtype)
 
 
 def _optimizer(
@@ -100,15 +105,15 @@ def _gate_trace(
 ) -> list[list[Tensor]]:
     params = make_params(shapes, device, dtype, seed)
     opt = _optimizer(params, backend, torch.optim.SGD, lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator(device).manual_seed(seed + 1)
     trace = []
     for _ in range(GATE_STEPS):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+            p.grad = _randn(p.shape, gen, device, dtype)
         opt.first_step()
         trace.append([p.detach().clone() for p in params])
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+            p.grad = _randn(p.shape, gen, device, dtype)
         opt.second_step()
         trace.append([p.detach().clone() for p in params])
     return trace
