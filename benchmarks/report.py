@@ -31,6 +31,19 @@ def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
             r.derived["speedup"] = ref.total.median / r.total.median
 
 
+NOISY_SPREAD_PCT = 50.0  # interquartile range as % of the median beyond which a row is not quotable
+
+
+def _noise_warning(spreads: Sequence[float]) -> list[str]:
+    noisy = sum(spread > NOISY_SPREAD_PCT for spread in spreads)
+    if not noisy:
+        return []
+    return [
+        f"WARNING: {noisy} row(s) have an interquartile range above {NOISY_SPREAD_PCT:.0f}% of the median: "
+        "other processes competed for the machine; rerun on a quiet machine before quoting them."
+    ]
+
+
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f}"
 
@@ -93,7 +106,8 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
         "and in steady state."
     )
     failures = [f"{r.preset} {r.dtype} {r.backend}: {r.status}" for r in results if not r.ok]
-    return "\n".join([_table(header, rows, left=3), note, *failures])
+    spreads = [r.total.spread_pct for r in results if r.total is not None]
+    return "\n".join([_table(header, rows, left=3), note, *failures, *_noise_warning(spreads)])
 
 
 def e2e_table(results: Sequence[E2EResult], batch: int) -> str:
@@ -109,10 +123,9 @@ def e2e_table(results: Sequence[E2EResult], batch: int) -> str:
         ]
         for r in results
     ]
-    return (
-        _table(header, rows, left=1)
-        + f"\nResNet-18 CIFAR, batch {batch}, synthetic images, SGD lr 0.05 momentum 0.9."
-    )
+    note = f"ResNet-18 CIFAR, batch {batch}, synthetic images, SGD lr 0.05 momentum 0.9."
+    warning = _noise_warning([r.time.spread_pct for r in results])
+    return "\n".join([_table(header, rows, left=1), note, *warning])
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
