@@ -8,11 +8,12 @@ pytest-benchmark's tooling, e.g. ``pytest benchmarks/ --benchmark-autosave`` and
 import pytest
 import torch
 
-from benchmarks.cli import runnable_backends
-from benchmarks.measure import synchronize
-from benchmarks.presets import PRESETS, parameter_shapes
-from benchmarks.step_bench import FSAM_KWARGS, NoBaseStep, make_params
 from fsam_fused import FriendlySAM
+
+from .cli import runnable_backends
+from .measure import synchronize
+from .presets import PRESETS, parameter_shapes
+from .step_bench import FSAM_KWARGS, NoBaseStep, make_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU_PRESETS = ("resnet18", "tiny")
