@@ -102,15 +102,12 @@ def run(
         record["e2e"] = {"batch": batch, "results": [r.as_dict() for r in e2e]}
         tables.append(e2e_table(e2e, batch))
     record["elapsed_s"] = time.perf_counter() - started
-    _write_outputs(args, record, results, device, progress)
     if "training_check" in record:
         tables.insert(0, _training_summary(record["training_check"]))
-    print("\n\n".join(tables), flush=True)
-    print(
-        f"\n{'all backends agree with reference' if agree else 'DISAGREEMENT: see FAILED above'}; "
-        f"{record['elapsed_s']:.0f} s",
-        flush=True,
-    )
+    verdict = "all backends agree with reference" if agree else "DISAGREEMENT: see FAILED above"
+    text = "\n\n".join(tables) + f"\n\n{verdict}; {record['elapsed_s']:.0f} s\n"
+    _write_outputs(args, record, results, text, device, progress)
+    print(text, end="", flush=True)
     return 0 if agree else 1
 
 
@@ -144,12 +141,21 @@ def _training_summary(check: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(args, record, results, device, progress) -> None:
+def _write_outputs(args, record, results, text, device, progress) -> None:
+    """--json, --png, and --results-dir (which adds the tables as text for READMEs)."""
     json_path, png_path = args.json, args.png
     if args.results_dir is not None:
         stem = slug(record["machine"], str(device))
         json_path = json_path or args.results_dir / f"{stem}.json"
         png_path = png_path or args.results_dir / f"{stem}.png"
+        machine = record["machine"]
+        header = (
+            f"fsam-bench on {machine['gpu'] or machine['cpu']} ({machine['cpu_cores']} cores), torch "
+            f"{machine['torch']}, commit {machine['commit']}, {machine['date']}\n\n"
+        )
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / f"{stem}.txt").write_text(header + text)
+        progress(f"wrote {args.results_dir / f'{stem}.txt'}")
     if json_path is not None:
         write_json(Path(json_path), record)
         progress(f"wrote {json_path}")

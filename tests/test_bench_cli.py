@@ -101,3 +101,12 @@ def test_default_backends_are_the_available_ones_that_run_here():
     names = cli.runnable_backends(torch.device("cpu"))
     assert "torch" in names and "reference" not in names
     assert set(names) <= set(fsam_fused.available_backends())
+
+
+def test_results_dir_gets_json_png_and_tables_named_by_machine_and_date(small_preset, tmp_path, capsys):
+    status, out = _run(capsys, "--preset", small_preset, "--no-train-check", "--results-dir", str(tmp_path))
+    assert status == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "png", "txt"]
+    assert len({f.rsplit(".", 1)[0] for f in files}) == 1 and files[0].startswith("cpu-")
+    assert out.out in (tmp_path / files[2]).read_text()
