@@ -16,12 +16,13 @@ from .digits import check_agreement
 from .e2e import run_e2e
 from .machine import describe, slug
 from .measure import Budget, copy_bandwidth
-from .presets import numel, parameter_shapes
 from .report import derive, e2e_table, step_table, write_json
 from .step_bench import StepResult, run_preset
 
 CPU_E2E_BATCH, CPU_E2E_BATCH_QUICK, CUDA_E2E_BATCH = 16, 4, 128
-COPY_NUMEL_RANGE = (1 << 22, 1 << 25)  # beyond the caches, within memory
+# 128 MiB per buffer: past every CPU cache and a GPU's L2, so the copy measures memory, and
+# the same size for every preset keeps the fractions of one run comparable.
+COPY_NUMEL = 1 << 25
 
 
 def budgets(device: torch.device, quick: bool) -> tuple[Budget, Budget]:
@@ -78,11 +79,8 @@ def run(
         agree &= _training_check(backends, device, progress, record)
 
     step_budget, e2e_budget = budgets(device, args.quick)
-    copy_numel = min(
-        max(max(numel(parameter_shapes(p)) for p in presets), COPY_NUMEL_RANGE[0]), COPY_NUMEL_RANGE[1]
-    )
-    progress(f"measuring copy bandwidth on {copy_numel / 1e6:.0f}M fp32 elements")
-    bandwidth = copy_bandwidth(device, copy_numel, step_budget)
+    progress(f"measuring copy bandwidth on {COPY_NUMEL / 1e6:.0f}M fp32 elements")
+    bandwidth = copy_bandwidth(device, COPY_NUMEL, step_budget)
     record["copy_bandwidth_gbs"] = bandwidth / 1e9
     results: list[StepResult] = []
     for preset in presets:
