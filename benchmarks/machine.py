@@ -58,7 +58,8 @@ def _triton_version() -> str | None:
 def describe() -> dict[str, Any]:
     """The machine, the software and the commit, for the JSON results."""
     commit = _run("git", "rev-parse", "HEAD")
-    dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
+    # Result files are what a run writes; changes to them do not make the code dirty.
+    dirty = _run("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
     return {
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
