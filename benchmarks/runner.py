@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,7 @@ def run(
         "backends": ["reference", *backends],
         "quick": args.quick,
     }
+    record["load_average_at_start"] = _warn_if_busy(progress) if device.type == "cpu" else None
     progress(
         f"fsam-bench on {device} ({machine['gpu'] or machine['cpu']}), backends: reference, "
         f"{', '.join(backends) or '(no other backend available)'}"
@@ -107,6 +109,24 @@ def run(
     _write_outputs(args, record, results, text, device, progress)
     print(text, end="", flush=True)
     return 0 if agree else 1
+
+
+def _warn_if_busy(progress: Callable[[str], None]) -> float | None:
+    """The 1-minute load average before we start, with a warning when other work competes.
+
+    On a shared CPU, torch's worker threads wait for descheduled siblings at every op, so
+    a busy machine can slow the step many times over; such numbers must not be quoted.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        progress(
+            f"WARNING: load average {load:.1f} on {cores} cores before starting: other processes "
+            "compete for the CPU and CPU timings will be noisy"
+        )
+    return load
 
 
 def _training_check(backends: list[str], device: torch.device, progress, record: dict[str, Any]) -> bool:
