@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +70,7 @@ def run(
         "backends": ["reference", *backends],
         "quick": args.quick,
     }
-    record["load_average_at_start"] = _warn_if_busy(progress) if device.type == "cpu" else None
+    record["cpu_busy_at_start"] = _warn_if_busy(progress) if device.type == "cpu" else None
     progress(
         f"fsam-bench on {device} ({machine['gpu'] or machine['cpu']}), backends: reference, "
         f"{', '.join(backends) or '(no other backend available)'}"
@@ -112,21 +111,35 @@ def run(
 
 
 def _warn_if_busy(progress: Callable[[str], None]) -> float | None:
-    """The 1-minute load average before we start, with a warning when other work competes.
+    """The share of the CPU other processes use right now (sampled over half a second),
+    with a warning when it is high enough to distort CPU timings.
 
     On a shared CPU, torch's worker threads wait for descheduled siblings at every op, so
-    a busy machine can slow the step many times over; such numbers must not be quoted.
+    competing work can slow the step many times over; such numbers must not be quoted.
     """
-    if not hasattr(os, "getloadavg"):
-        return None
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    if load > 0.5 * cores:
+    busy = _cpu_busy_fraction(0.5)
+    if busy is not None and busy > 0.25:
         progress(
-            f"WARNING: load average {load:.1f} on {cores} cores before starting: other processes "
-            "compete for the CPU and CPU timings will be noisy"
+            f"WARNING: other processes are using {100 * busy:.0f}% of the CPU: CPU timings will be noisy"
         )
-    return load
+    return busy
+
+
+def _cpu_busy_fraction(seconds: float) -> float | None:
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return idle, sum(fields)
+
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return 1.0 - (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _training_check(backends: list[str], device: torch.device, progress, record: dict[str, Any]) -> bool:
