@@ -1,5 +1,5 @@
-import sys
+"""``python -m benchmarks`` from a source checkout: the same as ``fsam-bench``."""
 
 from .cli import main
 
-sys.exit(main())
+raise SystemExit(main())

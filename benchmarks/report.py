@@ -1,0 +1,134 @@
+"""Derived figures (speedup, bandwidth fraction), terminal tables and the JSON record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .e2e import E2EResult
+from .step_bench import StepResult
+
+
+def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
+    """Add speedup over ``reference`` and effective bandwidth to each timed result.
+
+    Effective bandwidth is the bytes model's traffic (DESIGN.md section 3) over the
+    measured time, so a backend that moves more bytes than the model shows a lower
+    fraction; the reference loop, which moves several times that, is rated the same way.
+    """
+    reference = {(r.preset, r.dtype): r for r in results if r.backend == "reference" and r.ok}
+    for r in results:
+        if r.total is None:
+            continue
+        seconds = r.total.median * 1e-3
+        r.derived["effective_bandwidth_gbs"] = r.model_bytes / seconds / 1e9
+        r.derived["bandwidth_fraction"] = r.model_bytes / seconds / copy_bandwidth
+        r.derived["floor_ms"] = 1e3 * r.model_bytes / copy_bandwidth
+        ref = reference.get((r.preset, r.dtype))
+        if ref is not None and ref.total is not None:
+            r.derived["speedup"] = ref.total.median / r.total.median
+
+
+NOISY_SPREAD_PCT = 50.0  # interquartile range as % of the median beyond which a row is not quotable
+
+
+def _noise_warning(spreads: Sequence[float]) -> list[str]:
+    noisy = sum(spread > NOISY_SPREAD_PCT for spread in spreads)
+    if not noisy:
+        return []
+    return [
+        f"WARNING: {noisy} row(s) have an interquartile range above {NOISY_SPREAD_PCT:.0f}% of the median: "
+        "other processes competed for the machine; rerun on a quiet machine before quoting them."
+    ]
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> str:
+    """Aligned columns: the first ``left`` columns are labels (left-aligned), the rest numbers."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "  ".join(padded)
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
+    """The optimizer-step table: one row per preset, dtype and backend."""
+    header = [
+        "preset",
+        "dtype",
+        "backend",
+        "tensors",
+        "params",
+        "first ms",
+        "second ms",
+        "step ms",
+        "spread",
+        "speedup",
+        "GB/s",
+        "of copy",
+        "peak MiB 1st/steady",
+    ]
+    rows = []
+    for r in results:
+        lead = [r.preset, r.dtype, r.backend, str(r.tensors), f"{r.numel / 1e6:.2f}M"]
+        if r.total is None:
+            rows.append([*lead, "FAILED", "-", "-", "-", "-", "-", "-", "-"])
+            continue
+        d = r.derived
+        rows.append(
+            [
+                *lead,
+                f"{r.first.median:.2f}",
+                f"{r.second.median:.2f}",
+                f"{r.total.median:.2f}",
+                f"±{r.total.spread_pct / 2:.0f}%",
+                f"{d['speedup']:.2f}x" if "speedup" in d else "-",
+                f"{d['effective_bandwidth_gbs']:.1f}",
+                f"{100 * d['bandwidth_fraction']:.0f}%",
+                f"{_mib(r.peak_first_call_bytes)}/{_mib(r.peak_steady_bytes)}",
+            ]
+        )
+    note = (
+        f"step = first_step + second_step with a no-op base optimizer (the SAM work alone); median "
+        f"of interleaved repetitions, spread = half the interquartile range. GB/s: bytes model "
+        f"(DESIGN.md 3) / time; 'of copy': vs the copy bandwidth measured now, {copy_bandwidth / 1e9:.1f} "
+        "GB/s. Peak: memory allocated above the step's start, on the first call (allocates state) "
+        "and in steady state."
+    )
+    failures = [f"{r.preset} {r.dtype} {r.backend}: {r.status}" for r in results if not r.ok]
+    spreads = [r.total.spread_pct for r in results if r.total is not None]
+    return "\n".join([_table(header, rows, left=3), note, *failures, *_noise_warning(spreads)])
+
+
+def e2e_table(results: Sequence[E2EResult], batch: int) -> str:
+    """The end-to-end table: one row per variant."""
+    header = ["variant", "step ms", "spread", "vs SGD", "vs SAM(reference)"]
+    rows = [
+        [
+            r.variant,
+            f"{r.time.median:.1f}",
+            f"±{r.time.spread_pct / 2:.0f}%",
+            f"{r.vs_sgd:.2f}x",
+            "-" if r.vs_sam_reference is None else f"{r.vs_sam_reference:.2f}x",
+        ]
+        for r in results
+    ]
+    note = f"ResNet-18 CIFAR, batch {batch}, synthetic images, SGD lr 0.05 momentum 0.9."
+    warning = _noise_warning([r.time.spread_pct for r in results])
+    return "\n".join([_table(header, rows, left=1), note, *warning])
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` (plain data) as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")

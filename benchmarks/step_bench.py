@@ -1,0 +1,205 @@
+"""The optimizer-step benchmark: first_step + second_step per backend on a preset's shapes.
+
+The base optimizer here is a no-op, so the times are the SAM work alone (norm, EMA,
+perturbation, backup, restore) that the bytes model of DESIGN.md section 3 describes;
+the base step is the same for every backend and is measured by the end-to-end benchmark.
+Before a backend is timed it must agree with ``reference`` over a few steps on the same
+shapes (the gate); a backend that disagrees is reported as failing and not timed.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fsam_fused import FriendlySAM
+
+from .agreement import TOLERANCES, Verdict, compare
+from .bytes_model import step_bytes
+from .measure import Budget, Summary, peak_memory_bytes, time_interleaved
+from .presets import numel, parameter_shapes, subset_within
+
+# The authors' CIFAR hyperparameters (DESIGN.md section 1).
+FSAM_KWARGS = dict(rho=0.1, sigma=1.0, lmbda=0.6)
+GATE_STEPS = 3
+
+
+class NoBaseStep(torch.optim.Optimizer):
+    """A base optimizer that does nothing, so a timed step is the SAM work alone.
+
+    It declares device-side skip support, as fused PyTorch optimizers do, so that
+    second_step never reads the found-inf flag back to the host.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, dict(kwargs))
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        return None
+
+
+@dataclass
+class StepResult:
+    """One backend on one preset, device and dtype."""
+
+    preset: str
+    device: str
+    dtype: str
+    backend: str
+    tensors: int
+    numel: int
+    status: str = "ok"  # "ok", or "FAILED: <why>"
+    gate: str = ""
+    first: Summary | None = None
+    second: Summary | None = None
+    total: Summary | None = None
+    model_bytes: int = 0
+    peak_first_call_bytes: int | None = None
+    peak_steady_bytes: int | None = None
+    derived: dict[str, float] = field(default_factory=dict)  # speedup, bandwidth: filled by the caller
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("first", "second", "total", "derived")}
+        for phase in ("first", "second", "total"):
+            summary = getattr(self, phase)
+            out[f"{phase}_ms"] = summary.as_dict() if summary is not None else None
+        out.update(self.derived)
+        return out
+
+
+def make_params(shapes, device: torch.device, dtype: torch.dtype, seed: int) -> list[nn.Parameter]:
+    """Random parameters of the given shapes, with random gradients attached."""
+    gen = torch.Generator(device).manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = nn.Parameter(_randn(shape, gen, device, dtype))
+        p.grad = _randn(shape, gen, device, dtype)
+        params.append(p)
+    return params
+
+
+def _randn(shape, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Drawn on the device itself: host-side draws of ViT/GPT-2 sizes would dominate a GPU run.
+    return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+
+def _optimizer(
+    params: list[nn.Parameter], backend: str, base: Callable[..., torch.optim.Optimizer], **kw: Any
+):
+    return FriendlySAM(params, base, backend=backend, **FSAM_KWARGS, **kw)
+
+
+def _gate_trace(
+    shapes, backend: str, device: torch.device, dtype: torch.dtype, seed: int
+) -> list[list[Tensor]]:
+    params = make_params(shapes, device, dtype, seed)
+    opt = _optimizer(params, backend, torch.optim.SGD, lr=0.05, momentum=0.9)
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    trace = []
+    for _ in range(GATE_STEPS):
+        for p in params:
+            p.grad = _randn(p.shape, gen, device, dtype)
+        opt.first_step()
+        trace.append([p.detach().clone() for p in params])
+        for p in params:
+            p.grad = _randn(p.shape, gen, device, dtype)
+        opt.second_step()
+        trace.append([p.detach().clone() for p in params])
+    return trace
+
+
+def gate(shapes, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Verdict:
+    """Does ``backend`` give the reference's perturbed and updated parameters over a few steps?"""
+    expected = _gate_trace(shapes, "reference", device, dtype, seed)
+    actual = _gate_trace(shapes, backend, device, dtype, seed)
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        verdict = compare(
+            a, e, f"step {step // 2} {'updated' if step % 2 else 'perturbed'} p", **TOLERANCES[dtype]
+        )
+        if not verdict:
+            return verdict
+    return Verdict(True, f"{GATE_STEPS} steps, {len(shapes)} tensors, {verdict.detail}")
+
+
+def _check(shapes, backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
+    try:
+        return gate(shapes, backend, device, dtype)
+    except Exception as exc:  # a crashing backend is a failing backend: reported, not timed
+        return Verdict(False, f"{type(exc).__name__}: {exc}")
+
+
+def run_preset(
+    preset: str,
+    backend_names: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: Budget,
+    gate_max_elements: int | None,
+    progress: Callable[[str], None],
+) -> list[StepResult]:
+    """Gate every backend against ``reference`` on one preset, then time those that agree.
+
+    All optimizers share one set of parameters and gradients: with a no-op base step a
+    full step leaves the parameters bit-identical, and sharing keeps memory to one copy
+    of the model, so the backends can be timed interleaved.
+    """
+    shapes = parameter_shapes(preset)
+    gate_shapes = shapes if gate_max_elements is None else subset_within(shapes, gate_max_elements)
+    dtype_name = str(dtype).removeprefix("torch.")
+    results = []
+    for backend in ["reference", *[b for b in backend_names if b != "reference"]]:
+        result = StepResult(
+            preset=preset,
+            device=str(device),
+            dtype=dtype_name,
+            backend=backend,
+            tensors=len(shapes),
+            numel=numel(shapes),
+            model_bytes=step_bytes(numel(shapes), dtype),
+        )
+        if backend != "reference":
+            progress(
+                f"{preset} {dtype_name}: checking {backend} against reference on "
+                f"{len(gate_shapes)} of {len(shapes)} tensors"
+            )
+            verdict = _check(gate_shapes, backend, device, dtype)
+            result.gate = verdict.detail
+            if not verdict:
+                result.status = f"FAILED: {verdict.detail}"
+                progress(f"{preset} {dtype_name}: {backend} FAILED the check, not timed ({verdict.detail})")
+        results.append(result)
+        gc.collect()
+
+    params = make_params(shapes, device, dtype, seed=0)
+    timed = [r for r in results if r.ok]
+    optimizers = {r.backend: _optimizer(params, r.backend, NoBaseStep) for r in timed}
+    steps = {name: _full_step(opt) for name, opt in optimizers.items()}
+    for r in timed:  # the first call allocates each backend's state and workspaces
+        r.peak_first_call_bytes = peak_memory_bytes(steps[r.backend], device)
+    progress(f"{preset} {dtype_name}: timing {', '.join(optimizers)} interleaved")
+    timings = time_interleaved(
+        {name: [opt.first_step, opt.second_step] for name, opt in optimizers.items()}, device, budget
+    )
+    for r in timed:
+        (r.first, r.second), r.total = timings[r.backend]
+        r.peak_steady_bytes = peak_memory_bytes(steps[r.backend], device)
+    return results
+
+
+def _full_step(opt: FriendlySAM) -> Callable[[], None]:
+    def step() -> None:
+        opt.first_step()
+        opt.second_step()
+
+    return step

@@ -1,0 +1,112 @@
+"""fsam-bench end to end on a small preset: arguments, outputs, and the correctness gate."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fsam_fused
+from benchmarks import cli, presets
+from benchmarks.digits import check_agreement
+from fsam_fused.backends import foreach
+
+
+class _SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(40, 7), nn.LayerNorm(7))
+
+
+@pytest.fixture
+def small_preset(monkeypatch):
+    monkeypatch.setitem(presets.PRESETS, "small", presets.Preset("small", "test net", _SmallNet))
+    return "small"
+
+
+@pytest.fixture
+def broken_torch_backend(monkeypatch):
+    """The torch backend with restore_ forgotten: parameters stay perturbed."""
+    monkeypatch.setattr(foreach, "restore_", lambda plan: None)
+
+
+def _run(capsys, *argv):
+    status = cli.main(["--device", "cpu", "--quick", *argv])
+    return status, capsys.readouterr()
+
+
+def test_step_benchmark_writes_table_json_and_png(small_preset, tmp_path, capsys):
+    json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+    status, out = _run(
+        capsys,
+        "--preset",
+        small_preset,
+        "--no-train-check",
+        "--backends",
+        "torch",
+        "--dtype",
+        "fp32,bf16",
+        "--json",
+        str(json_path),
+        "--png",
+        str(png_path),
+    )
+    assert status == 0
+    assert "all backends agree with reference" in out.out
+    record = json.loads(json_path.read_text())
+    rows = {(r["dtype"], r["backend"]): r for r in record["step"]}
+    assert set(rows) == {(d, b) for d in ("float32", "bfloat16") for b in ("reference", "torch")}
+    torch_fp32 = rows["float32", "torch"]
+    assert torch_fp32["status"] == "ok" and torch_fp32["total_ms"]["median"] > 0
+    assert torch_fp32["speedup"] > 0 and 0 < torch_fp32["bandwidth_fraction"]
+    assert torch_fp32["model_bytes"] == 40 * torch_fp32["numel"]
+    assert record["machine"]["torch"] == torch.__version__ and record["copy_bandwidth_gbs"] > 0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(
+    small_preset, broken_torch_backend, capsys
+):
+    status, out = _run(capsys, "--preset", small_preset, "--no-train-check", "--backends", "torch")
+    assert status == 1
+    assert "FAILED" in out.out and "DISAGREEMENT" in out.out
+
+
+def test_digits_training_agrees_and_catches_a_broken_backend(monkeypatch):
+    _, verdicts = check_agreement(["torch"], torch.device("cpu"), progress=lambda _: None, steps=4)
+    assert verdicts["torch"]
+    monkeypatch.setattr(foreach, "restore_", lambda plan: None)
+    _, verdicts = check_agreement(["torch"], torch.device("cpu"), progress=lambda _: None, steps=4)
+    assert not verdicts["torch"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "resnet50"], "is not a preset"),
+        (["--dtype", "fp64"], "--dtype 'fp64'"),
+        (["--backends", "fastest"], "'fastest' is not a backend"),
+        (["--device", "warp"], "is not a device"),
+        (["--e2e-batch", "0"], "--e2e-batch must be a positive integer"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_default_backends_are_the_available_ones_that_run_here():
+    names = cli.runnable_backends(torch.device("cpu"))
+    assert "torch" in names and "reference" not in names
+    assert set(names) <= set(fsam_fused.available_backends())
+
+
+def test_results_dir_gets_json_png_and_tables_named_by_machine_and_date(small_preset, tmp_path, capsys):
+    status, out = _run(capsys, "--preset", small_preset, "--no-train-check", "--results-dir", str(tmp_path))
+    assert status == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "png", "txt"]
+    assert len({f.rsplit(".", 1)[0] for f in files}) == 1 and files[0].startswith("cpu-")
+    assert out.out in (tmp_path / files[2]).read_text()
