@@ -113,4 +113,32 @@ std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> positions_by_dtype(
   return groups;
 }
 
+void check_sq_norm_args(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    const at::Tensor& coef,
+    const std::optional<at::Tensor>& inv_scale) {
+  check_lists("sq_norm", params, grads, momentum, {}, coef);
+  if (inv_scale.has_value()) {
+    check_scalar("sq_norm", "inv_scale", *inv_scale, params);
+  }
+}
+
+void check_perturb_args(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    at::TensorList backup,
+    const at::Tensor& coef,
+    const at::Tensor& total_sq_norm,
+    const std::optional<at::Tensor>& inv_scale) {
+  check_lists("perturb_", params, grads, momentum, backup, coef);
+  TORCH_CHECK(backup.size() == params.size(), "perturb_: backup has ", backup.size(), " tensors, params has ", params.size());
+  check_scalar("perturb_", "total_sq_norm", total_sq_norm, params);
+  if (inv_scale.has_value()) {
+    check_scalar("perturb_", "inv_scale", *inv_scale, params);
+  }
+}
+
 }  // namespace fsam_fused

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -32,6 +33,22 @@ void check_restore_lists(const char* op, at::TensorList params, at::TensorList b
 
 // Checks an optional fp32 one-element tensor argument on the params' device.
 void check_scalar(const char* op, const char* arg, const at::Tensor& t, at::TensorList params);
+
+// All argument checks of sq_norm and of perturb_, shared by the CPU and CUDA implementations.
+void check_sq_norm_args(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    const at::Tensor& coef,
+    const std::optional<at::Tensor>& inv_scale);
+void check_perturb_args(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList momentum,
+    at::TensorList backup,
+    const at::Tensor& coef,
+    const at::Tensor& total_sq_norm,
+    const std::optional<at::Tensor>& inv_scale);
 
 // The positions of `params` holding each supported dtype, in list order: kernels are
 // instantiated per dtype, so a list with mixed dtypes runs one pass per dtype.

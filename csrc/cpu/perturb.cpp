@@ -62,12 +62,7 @@ void perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) {
-  check_lists("perturb_", params, grads, momentum, backup, coef);
-  TORCH_CHECK(backup.size() == params.size(), "perturb_: backup has ", backup.size(), " tensors, params has ", params.size());
-  check_scalar("perturb_", "total_sq_norm", total_sq_norm, params);
-  if (inv_scale.has_value()) {
-    check_scalar("perturb_", "inv_scale", *inv_scale, params);
-  }
+  check_perturb_args(params, grads, momentum, backup, coef, total_sq_norm, inv_scale);
   const float total = total_sq_norm.item<float>();
   // A non-finite norm makes the step a no-op for p and m; the backup is still taken so
   // that restore_ stays unconditional.

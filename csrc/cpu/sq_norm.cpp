@@ -83,10 +83,7 @@ at::Tensor sq_norm(
     at::TensorList momentum,
     const at::Tensor& coef,
     const std::optional<at::Tensor>& inv_scale) {
-  check_lists("sq_norm", params, grads, momentum, {}, coef);
-  if (inv_scale.has_value()) {
-    check_scalar("sq_norm", "inv_scale", *inv_scale, params);
-  }
+  check_sq_norm_args(params, grads, momentum, coef, inv_scale);
   const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
   const float* coef_data = coef.data_ptr<float>();
   const std::vector<int64_t> starts = flat_starts(params);

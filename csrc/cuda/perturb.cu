@@ -70,12 +70,7 @@ void perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) {
-  check_lists("perturb_", params, grads, momentum, backup, coef);
-  TORCH_CHECK(backup.size() == params.size(), "perturb_: backup has ", backup.size(), " tensors, params has ", params.size());
-  check_scalar("perturb_", "total_sq_norm", total_sq_norm, params);
-  if (inv_scale.has_value()) {
-    check_scalar("perturb_", "inv_scale", *inv_scale, params);
-  }
+  check_perturb_args(params, grads, momentum, backup, coef, total_sq_norm, inv_scale);
   const c10::cuda::CUDAGuard guard(coef.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* unscale = inv_scale.has_value() ? inv_scale->data_ptr<float>() : nullptr;

@@ -67,10 +67,7 @@ at::Tensor sq_norm(
     at::TensorList momentum,
     const at::Tensor& coef,
     const std::optional<at::Tensor>& inv_scale) {
-  check_lists("sq_norm", params, grads, momentum, {}, coef);
-  if (inv_scale.has_value()) {
-    check_scalar("sq_norm", "inv_scale", *inv_scale, params);
-  }
+  check_sq_norm_args(params, grads, momentum, coef, inv_scale);
   const c10::cuda::CUDAGuard guard(coef.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* unscale = inv_scale.has_value() ? inv_scale->data_ptr<float>() : nullptr;
