@@ -48,6 +48,7 @@ class PlanArrays:
         self.has_momentum = momentum is not None
         self.table = build_table(params, grads, momentum, backup)
         self._grad_addresses = addresses(grads)
+        self._checked_grads = grads
         numels = [p.numel() for p in params]
         by_type: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
@@ -63,7 +64,14 @@ class PlanArrays:
         self.partials = torch.empty(offset, dtype=torch.float32, device=device)
 
     def use_grads(self, grads: list[Tensor]) -> None:
-        """Point the table at ``grads``; uploads only when an address changed."""
+        """Point the table at ``grads``; uploads only when an address changed.
+
+        The optimizer hands each step's gradients over as a new list and both ops of the
+        step receive that same list, so the second call of a step costs nothing.
+        """
+        if grads is self._checked_grads:
+            return
+        self._checked_grads = grads
         current = addresses(grads)
         if current != self._grad_addresses:
             upload(current, self.table[GRAD.value])
