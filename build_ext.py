@@ -96,8 +96,11 @@ def extensions() -> list:
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not _want_cuda():
-        return [CppExtension("fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS},
-                             extra_link_args=["-fopenmp"])]
+        return [
+            CppExtension(
+                "fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+            )
+        ]
     archs = _cuda_arch_list()
     include_dirs, library_dirs = _pip_cuda_dirs()
     define = [("FSAM_FUSED_CUDA_ARCHS", f'"{archs}"')]

@@ -22,7 +22,11 @@ CUDA_CHUNK = 32768
 SHAPE_SETS = {
     "vector_widths": [(n,) for n in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33)],
     "chunk_boundaries": [
-        (CUDA_CHUNK - 1,), (CUDA_CHUNK,), (CUDA_CHUNK + 1,), (2 * CUDA_CHUNK + 5,), (65537,)
+        (CUDA_CHUNK - 1,),
+        (CUDA_CHUNK,),
+        (CUDA_CHUNK + 1,),
+        (2 * CUDA_CHUNK + 5,),
+        (65537,),
     ],
     "zero_dim_and_empty": [(), (0,), (3, 0), (), (6,)],
     "hundreds_of_tiny": [(1 + (7 * i) % 5,) for i in range(300)],
@@ -58,6 +62,7 @@ def make_lists(
     shapes, dtypes, device, gen: torch.Generator, *, momentum=True, inv_scale=False, channels_last=False
 ) -> Lists:
     """Random lists; tensor ``i`` has dtype ``dtypes[i % len(dtypes)]``."""
+
     def rand(shape, dtype, scale=1.0):
         t = (torch.randn(shape, generator=gen) * scale).to(dtype)
         if channels_last and t.dim() == 4:
@@ -139,7 +144,6 @@ def _poison(ts: list[Tensor]) -> None:
         t.fill_(math.nan)
 
 
-
 def _bits(t: Tensor) -> Tensor:
     return t.detach().reshape(-1).view(torch.uint8).cpu() if t.numel() else t.detach().reshape(-1).cpu()
 
@@ -167,7 +171,12 @@ CASES = [
 def test_ops_match_oracle(shapes, dtypes, with_momentum, device):
     gen = torch.Generator().manual_seed(hash((len(shapes), str(dtypes), with_momentum)) % 2**31)
     lists = make_lists(
-        shapes, dtypes, device, gen, momentum=with_momentum, inv_scale=with_momentum,
+        shapes,
+        dtypes,
+        device,
+        gen,
+        momentum=with_momentum,
+        inv_scale=with_momentum,
         channels_last=any(len(s) == 4 for s in shapes),
     )
     eps = 1e-12
@@ -264,8 +273,14 @@ def test_bad_arguments_raise_errors_naming_them(mutate, message):
 @pytest.mark.parametrize("with_momentum", [True, False], ids=["fsam", "sam"])
 def test_opcheck_passes_for_every_op(with_momentum, device):
     gen = torch.Generator().manual_seed(13)
-    lists = make_lists([(), (5,), (3, 7), (33,)], [torch.float32, torch.bfloat16], device, gen,
-                       momentum=with_momentum, inv_scale=True)
+    lists = make_lists(
+        [(), (5,), (3, 7), (33,)],
+        [torch.float32, torch.bfloat16],
+        device,
+        gen,
+        momentum=with_momentum,
+        inv_scale=True,
+    )
     total = _ops.sq_norm(lists.params, lists.grads, lists.momentum, lists.coef, lists.inv_scale)
     torch.library.opcheck(
         torch.ops.fsam_fused.sq_norm.default, (lists.params, lists.grads, lists.momentum, lists.coef, None)
