@@ -5,6 +5,11 @@ and of a flat backup buffer in the parameter's dtype. The per-parameter tensors 
 users and ``state_dict`` see are views of those ranges, shaped and strided like the
 parameter, so one kernel launch can walk the whole model while checkpoints keep the
 per-parameter layout of the authors' optimizer.
+
+Each slot starts on a :data:`SLOT_ALIGNMENT`-byte boundary: the CUDA and Triton kernels
+read a tensor with 16-byte vector loads only when every address they touch is aligned,
+so one odd-sized parameter (a 10-class bias) must not push every later slot off the
+boundary and onto the scalar path.
 """
 
 from __future__ import annotations
@@ -32,6 +37,23 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+SLOT_ALIGNMENT = 16
+
+
+def slot_offsets(numels: list[int], element_size: int) -> tuple[list[int], int]:
+    """Start of each slot, in elements, and the buffer length for slots of ``numels``.
+
+    Every start is a multiple of :data:`SLOT_ALIGNMENT` bytes; the gaps are never read.
+    """
+    step = max(1, SLOT_ALIGNMENT // element_size)
+    offsets = []
+    total = 0
+    for numel in numels:
+        offsets.append(total)
+        total += -(-numel // step) * step
+    return offsets, total
+
+
 def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     """A view of ``flat[offset:offset + like.numel()]`` with ``like``'s shape and strides."""
     return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
@@ -50,31 +72,25 @@ class DeviceState:
         self.device = params[0].device
         self.params = params
         self.slot_of = {p: i for i, p in enumerate(params)}
-        self.offsets: list[int] = []
-        total = 0
-        for p in params:
-            self.offsets.append(total)
-            total += p.numel()
-        self.numel = total
+        momentum_offsets, momentum_numel = slot_offsets([p.numel() for p in params], 4)
         self.momentum_flat = (
-            torch.zeros(total, dtype=torch.float32, device=self.device) if with_momentum else None
+            torch.zeros(momentum_numel, dtype=torch.float32, device=self.device) if with_momentum else None
         )
         self.seeded = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.momentum = (
-            [view_like(self.momentum_flat, o, p) for p, o in zip(params, self.offsets)]
+            [view_like(self.momentum_flat, o, p) for p, o in zip(params, momentum_offsets)]
             if self.momentum_flat is not None
             else None
         )
         # The backup is kept in each parameter's own dtype so that restoring is a copy.
-        backup_numel: dict[torch.dtype, int] = {}
-        backup_offsets = []
-        for p in params:
-            backup_offsets.append(backup_numel.get(p.dtype, 0))
-            backup_numel[p.dtype] = backup_offsets[-1] + p.numel()
-        self.backup_flat = {
-            dtype: torch.empty(n, dtype=dtype, device=self.device) for dtype, n in backup_numel.items()
-        }
-        self.backup = [view_like(self.backup_flat[p.dtype], o, p) for p, o in zip(params, backup_offsets)]
+        self.backup_flat: dict[torch.dtype, Tensor] = {}
+        backup_offsets: dict[Tensor, int] = {}
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            same = [p for p in params if p.dtype == dtype]
+            offsets, numel = slot_offsets([p.numel() for p in same], same[0].element_size())
+            self.backup_flat[dtype] = torch.empty(numel, dtype=dtype, device=self.device)
+            backup_offsets.update(zip(same, offsets))
+        self.backup = [view_like(self.backup_flat[p.dtype], backup_offsets[p], p) for p in params]
 
     def save_momentum(self) -> None:
         """Remember momentum and seeded flags, so a step can be taken back (see ``rollback_momentum``)."""
