@@ -1,0 +1,210 @@
+"""A plain per-tensor oracle for the three backend ops, shared by every kernel's tests.
+
+The lists hold views at odd offsets into larger buffers for half the tensors and
+16-byte aligned tensors for the other half, so both the vector and the scalar paths of
+a kernel run; shapes cross the vector widths and the chunk sizes of the CUDA (32768)
+and Triton (16384) kernels. Outputs are poisoned before each op and every check draws
+fresh random inputs. :func:`check_ops_match_oracle` runs one round of the three ops of
+an :class:`Ops` against the oracle.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CUDA_CHUNK = 32768
+SHAPE_SETS = {
+    "vector_widths": [(n,) for n in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33)],
+    "chunk_boundaries": [
+        (CUDA_CHUNK - 1,),
+        (CUDA_CHUNK,),
+        (CUDA_CHUNK + 1,),
+        (2 * CUDA_CHUNK + 5,),
+        (65537,),
+    ],
+    "zero_dim_and_empty": [(), (0,), (3, 0), (), (6,)],
+    "hundreds_of_tiny": [(1 + (7 * i) % 5,) for i in range(300)],
+    "channels_last": [(4, 3, 5, 5), (2, 7, 3, 3), (9,)],
+}
+# More tensors than one CUDA launch holds, so the launch batching is exercised.
+SHAPE_SETS["over_one_launch"] = [(3 + i % 11,) for i in range(150)] + [(CUDA_CHUNK * 3 + 1,)]
+
+
+@dataclass
+class Lists:
+    params: list[Tensor]
+    grads: list[Tensor]
+    momentum: list[Tensor]
+    backup: list[Tensor]
+    coef: Tensor
+    inv_scale: Tensor | None
+
+
+def view_at_offset(src: Tensor, offset: int) -> Tensor:
+    """A copy of ``src`` (same strides) living at element ``offset`` of a larger buffer."""
+    span = src.untyped_storage().nbytes() // src.element_size() if src.numel() else 0
+    buffer = torch.full((span + offset + 3,), math.nan, dtype=src.dtype, device=src.device)
+    view = buffer.as_strided(src.shape, src.stride(), offset)
+    view.copy_(src)
+    return view
+
+
+def make_lists(
+    shapes, dtypes, device, gen: torch.Generator, *, momentum=True, inv_scale=False, channels_last=False
+) -> Lists:
+    """Random lists; tensor ``i`` has dtype ``dtypes[i % len(dtypes)]``."""
+
+    def rand(shape, dtype, scale=1.0):
+        t = (torch.randn(shape, generator=gen) * scale).to(dtype)
+        if channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    params, grads, moms, backups = [], [], [], []
+    for i, shape in enumerate(shapes):
+        dtype = dtypes[i % len(dtypes)]
+        # Half the tensors sit at offset 0 (16-byte aligned: the vector paths), the rest
+        # at odd offsets (the scalar paths).
+        offsets = [int(o) for o in torch.randint(1, 7, (4,), generator=gen)]
+        if torch.rand((), generator=gen) < 0.5:
+            offsets = [0, 0, 0, 0]
+        # Moved first, then placed: ``.to(device)`` of a view would drop its offset.
+        params.append(view_at_offset(rand(shape, dtype).to(device), offsets[0]))
+        grads.append(view_at_offset(rand(shape, dtype, 3.0).to(device), offsets[1]))
+        moms.append(view_at_offset(rand(shape, torch.float32).to(device), offsets[2]))
+        backups.append(view_at_offset(rand(shape, dtype).to(device), offsets[3]))
+    n = len(shapes)
+    coef = torch.stack(
+        [
+            torch.rand(n, generator=gen) * 0.5 + 0.01,  # rho
+            torch.rand(n, generator=gen) * 1.5,  # sigma
+            torch.rand(n, generator=gen),  # lmbda (0 for some: unseeded)
+            (torch.rand(n, generator=gen) < 0.4).float(),  # adaptive
+        ],
+        dim=1,
+    )
+    coef[torch.rand(n, generator=gen) < 0.2, 2] = 0.0
+    scale = torch.tensor(float(torch.rand((), generator=gen)) * 0.5 + 0.25) if inv_scale else None
+    return Lists(
+        params=params,
+        grads=grads,
+        momentum=moms if momentum else [],
+        backup=backups,
+        coef=coef.to(device),
+        inv_scale=scale.to(device) if scale is not None else None,
+    )
+
+
+def direction(lists: Lists, i: int) -> tuple[Tensor, Tensor]:
+    """(g * inv_scale, d) in fp32 for tensor i."""
+    g = lists.grads[i].float()
+    if lists.inv_scale is not None:
+        g = g * lists.inv_scale
+    if not lists.momentum:
+        return g, g
+    return g, g - lists.coef[i, 1] * lists.momentum[i]
+
+
+def oracle_sq_norm(lists: Lists) -> float:
+    total = 0.0
+    for i, p in enumerate(lists.params):
+        _, d = direction(lists, i)
+        a = p.float().abs() if lists.coef[i, 3] else 1.0
+        total += float(((a * d).double() ** 2).sum())
+    return total
+
+
+def oracle_perturb(lists: Lists, total: Tensor, eps: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Expected (params, momentum) after perturb_ with a finite total."""
+    new_p, new_m = [], []
+    for i, p in enumerate(lists.params):
+        rho, _, lmbda, adaptive = lists.coef[i]
+        g, d = direction(lists, i)
+        scale = rho / (total.sqrt() + eps)
+        weighted = p.float() * p.float() * d if adaptive else d
+        new_p.append((p.float() + weighted * scale).to(p.dtype))
+        if lists.momentum:
+            new_m.append(lists.momentum[i] * lmbda + g * (1.0 - lmbda))
+    return new_p, new_m
+
+
+def clone(ts: list[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in ts]
+
+
+def poison(ts: list[Tensor]) -> None:
+    for t in ts:
+        t.fill_(math.nan)
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).view(torch.uint8).cpu() if t.numel() else t.detach().reshape(-1).cpu()
+
+
+def assert_bits_equal(actual: list[Tensor], expected: list[Tensor], what: str) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.stride() == e.stride() or a.numel() <= 1, f"{what}[{i}] layout changed"
+        assert torch.equal(bits(a.contiguous()), bits(e.contiguous())), f"{what}[{i}] is not bit-identical"
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+
+
+class Ops(Protocol):
+    """The three ops of one kernel family, taking :class:`Lists`."""
+
+    def sq_norm(self, lists: Lists) -> Tensor: ...
+
+    def perturb_(self, lists: Lists, total: Tensor, eps: float) -> None: ...
+
+    def restore_(self, lists: Lists) -> None: ...
+
+
+def check_ops_match_oracle(ops: Ops, lists: Lists, eps: float = 1e-12) -> None:
+    """sq_norm, perturb_ and restore_ of ``ops`` on ``lists`` against the oracle, outputs poisoned."""
+    total = ops.sq_norm(lists)
+    assert total.dtype == torch.float32 and total.dim() == 0 and total.device == lists.coef.device
+    expected_total = oracle_sq_norm(lists)
+    assert math.isclose(float(total), expected_total, rel_tol=1e-5, abs_tol=1e-30)
+
+    old_params = clone(lists.params)
+    expected_p, expected_m = oracle_perturb(lists, total, eps)
+    poison(lists.backup)
+    ops.perturb_(lists, total, eps)
+    assert_bits_equal(lists.backup, old_params, "backup")
+    for i, (a, e) in enumerate(zip(lists.params, expected_p, strict=True)):
+        torch.testing.assert_close(a, e, **tolerance(a.dtype), msg=lambda m, i=i: f"params[{i}]: {m}")
+    for i, (a, e) in enumerate(zip(lists.momentum, expected_m, strict=True)):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"momentum[{i}]: {m}")
+
+    poison(lists.params)
+    ops.restore_(lists)
+    assert_bits_equal(lists.params, old_params, "params after restore_")
+
+
+def check_shapes(ops: Ops, shapes, dtypes, device, *, with_momentum: bool, label: str = "") -> None:
+    """:func:`check_ops_match_oracle` on fresh random lists of ``shapes``.
+
+    F-SAM lists (``with_momentum``) also carry an inverse loss scale. The seed comes from
+    the arguments, so a failure reproduces in another process.
+    """
+    key = f"{label}|{shapes}|{dtypes}|{device}|{with_momentum}"
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    lists = make_lists(
+        shapes,
+        dtypes,
+        device,
+        gen,
+        momentum=with_momentum,
+        inv_scale=with_momentum,
+        channels_last=any(len(s) == 4 for s in shapes),
+    )
+    check_ops_match_oracle(ops, lists)
