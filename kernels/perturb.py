@@ -22,7 +22,45 @@ from .block_map import load_entry
 from .coef import load_coef
 from .common import fixed
 from .plan_arrays import PlanArrays
-from .tensor_table import BACKUP, GRAD, MOMENTUM, PARAM, tensor_ptr
+from .tensor_table import element_ptr, load_addresses
+from .vector import aligned_ptr, vectorizable, whole_vectors
+
+
+@triton.jit
+def _perturb_chunk(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    b_ptr,
+    count,
+    update_limit,
+    scale,
+    unscale,
+    sigma,
+    lmbda,
+    adaptive,
+    ELEMENT: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        inside = idx < count
+        update = idx < update_limit
+        p_stored = tl.load(p_ptr + idx, mask=inside)
+        tl.store(b_ptr + idx, p_stored, mask=inside)
+        g = tl.load(g_ptr + idx, mask=update, other=0.0).to(tl.float32)
+        if HAS_INV_SCALE:
+            g = g * unscale
+        d = g
+        if HAS_MOMENTUM:
+            m = tl.load(m_ptr + idx, mask=update, other=0.0)
+            d = g - sigma * m
+            tl.store(m_ptr + idx, m * lmbda + g * (1.0 - lmbda), mask=update)
+        p = p_stored.to(tl.float32)
+        weight = tl.where(adaptive, p * p, 1.0)
+        tl.store(p_ptr + idx, (p + weight * d * scale).to(ELEMENT), mask=update)
 
 
 @triton.jit
@@ -48,28 +86,21 @@ def _perturb_kernel(
     update_limit = tl.where(ok, count, 0)
     scale = tl.div_rn(rho, tl.sqrt_rn(total) + eps)
     unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
-    p_ptr = tensor_ptr(table, n, PARAM, t, ELEMENT) + start
-    g_ptr = tensor_ptr(table, n, GRAD, t, ELEMENT) + start
-    b_ptr = tensor_ptr(table, n, BACKUP, t, ELEMENT) + start
-    if HAS_MOMENTUM:
-        m_ptr = tensor_ptr(table, n, MOMENTUM, t, tl.float32) + start
-    for off in range(0, count, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        inside = idx < count
-        update = idx < update_limit
-        p_stored = tl.load(p_ptr + idx, mask=inside)
-        tl.store(b_ptr + idx, p_stored, mask=inside)
-        g = tl.load(g_ptr + idx, mask=update, other=0.0).to(tl.float32)
-        if HAS_INV_SCALE:
-            g = g * unscale
-        d = g
-        if HAS_MOMENTUM:
-            m = tl.load(m_ptr + idx, mask=update, other=0.0)
-            d = g - sigma * m
-            tl.store(m_ptr + idx, m * lmbda + g * (1.0 - lmbda), mask=update)
-        p = p_stored.to(tl.float32)
-        weight = tl.where(adaptive, p * p, 1.0)
-        tl.store(p_ptr + idx, (p + weight * d * scale).to(ELEMENT), mask=update)
+    p, g, m, b = load_addresses(table, n, t)
+    if vectorizable(p | g | m | b, start, count):
+        _perturb_chunk(
+            aligned_ptr(p, start, ELEMENT), aligned_ptr(g, start, ELEMENT),
+            aligned_ptr(m, start, tl.float32), aligned_ptr(b, start, ELEMENT),
+            whole_vectors(count), whole_vectors(update_limit), scale, unscale, sigma, lmbda, adaptive,
+            ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+        )  # fmt: skip
+    else:
+        _perturb_chunk(
+            element_ptr(p, start, ELEMENT), element_ptr(g, start, ELEMENT),
+            element_ptr(m, start, tl.float32), element_ptr(b, start, ELEMENT),
+            count, update_limit, scale, unscale, sigma, lmbda, adaptive,
+            ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+        )  # fmt: skip
 
 
 _launch = fixed(_perturb_kernel)

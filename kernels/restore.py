@@ -8,19 +8,32 @@ import triton.language as tl
 from .block_map import load_entry
 from .common import autotuned
 from .plan_arrays import PlanArrays
-from .tensor_table import BACKUP, PARAM, tensor_ptr
+from .tensor_table import BACKUP, PARAM, element_ptr, tensor_address
+from .vector import aligned_ptr, vectorizable, whole_vectors
+
+
+@triton.jit
+def _restore_chunk(p_ptr, b_ptr, count, BLOCK: tl.constexpr):
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        inside = idx < count
+        tl.store(p_ptr + idx, tl.load(b_ptr + idx, mask=inside), mask=inside)
 
 
 @triton.jit
 def _restore_kernel(table, n, block_map, ELEMENT: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     t, start, count = load_entry(block_map, c)
-    p_ptr = tensor_ptr(table, n, PARAM, t, ELEMENT) + start
-    b_ptr = tensor_ptr(table, n, BACKUP, t, ELEMENT) + start
-    for off in range(0, count, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        inside = idx < count
-        tl.store(p_ptr + idx, tl.load(b_ptr + idx, mask=inside), mask=inside)
+    p = tensor_address(table, n, PARAM, t)
+    b = tensor_address(table, n, BACKUP, t)
+    p_ptr = element_ptr(p, start, ELEMENT)
+    b_ptr = element_ptr(b, start, ELEMENT)
+    if vectorizable(p | b, start, count):
+        _restore_chunk(
+            aligned_ptr(p, start, ELEMENT), aligned_ptr(b, start, ELEMENT), whole_vectors(count), BLOCK
+        )
+    else:
+        _restore_chunk(p_ptr, b_ptr, count, BLOCK)
 
 
 # Copying p <- backup again gives the same result, so tuning runs are harmless.

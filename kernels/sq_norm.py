@@ -21,9 +21,38 @@ from .block_map import load_entry
 from .coef import load_coef
 from .common import autotuned
 from .plan_arrays import PlanArrays
-from .tensor_table import GRAD, MOMENTUM, PARAM, tensor_ptr
+from .tensor_table import element_ptr, load_addresses
+from .vector import aligned_ptr, vectorizable, whole_vectors
 
 _SUM_BLOCK = 1024
+
+
+@triton.jit
+def _partial_sum(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    count,
+    m_limit,
+    p_limit,
+    unscale,
+    sigma,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, count, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        d = tl.load(g_ptr + idx, mask=idx < count, other=0.0).to(tl.float32)
+        if HAS_INV_SCALE:
+            d = d * unscale
+        if HAS_MOMENTUM:
+            d = d - sigma * tl.load(m_ptr + idx, mask=idx < m_limit, other=0.0)
+        a = tl.abs(tl.load(p_ptr + idx, mask=idx < p_limit, other=1.0).to(tl.float32))
+        ad = a * d
+        acc += ad * ad
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -43,24 +72,21 @@ def _partials_kernel(
     t, start, count = load_entry(block_map, c)
     _, sigma, _, adaptive = load_coef(coef, t)
     unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
-    p_ptr = tensor_ptr(table, n, PARAM, t, ELEMENT) + start
-    g_ptr = tensor_ptr(table, n, GRAD, t, ELEMENT) + start
-    if HAS_MOMENTUM:
-        m_ptr = tensor_ptr(table, n, MOMENTUM, t, tl.float32) + start
+    p, g, m, _ = load_addresses(table, n, t)
     m_limit = tl.where(sigma != 0, count, 0)
     p_limit = tl.where(adaptive, count, 0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, count, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        d = tl.load(g_ptr + idx, mask=idx < count, other=0.0).to(tl.float32)
-        if HAS_INV_SCALE:
-            d = d * unscale
-        if HAS_MOMENTUM:
-            d = d - sigma * tl.load(m_ptr + idx, mask=idx < m_limit, other=0.0)
-        a = tl.abs(tl.load(p_ptr + idx, mask=idx < p_limit, other=1.0).to(tl.float32))
-        ad = a * d
-        acc += ad * ad
-    tl.store(partials + c, tl.sum(acc, axis=0))
+    if vectorizable(p | g | m, start, count):
+        partial = _partial_sum(
+            aligned_ptr(p, start, ELEMENT), aligned_ptr(g, start, ELEMENT), aligned_ptr(m, start, tl.float32),
+            whole_vectors(count), whole_vectors(m_limit), whole_vectors(p_limit), unscale, sigma,
+            HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+        )  # fmt: skip
+    else:
+        partial = _partial_sum(
+            element_ptr(p, start, ELEMENT), element_ptr(g, start, ELEMENT), element_ptr(m, start, tl.float32),
+            count, m_limit, p_limit, unscale, sigma, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+        )  # fmt: skip
+    tl.store(partials + c, partial)
 
 
 @triton.jit

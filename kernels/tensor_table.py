@@ -51,6 +51,23 @@ def build_table(
 
 
 @triton.jit
-def tensor_ptr(table, n, row: tl.constexpr, t, ELEMENT: tl.constexpr):
-    """Typed pointer to the first element of tensor ``t`` in ``row`` of the table."""
-    return tl.load(table + row * n + t).to(tl.pointer_type(ELEMENT))
+def tensor_address(table, n, row: tl.constexpr, t):
+    """The int64 address of tensor ``t`` in ``row`` of the table (0 for a missing momentum)."""
+    return tl.load(table + row * n + t)
+
+
+@triton.jit
+def load_addresses(table, n, t):
+    """The addresses of tensor ``t``'s parameter, gradient, momentum and backup."""
+    return (
+        tensor_address(table, n, PARAM, t),
+        tensor_address(table, n, GRAD, t),
+        tensor_address(table, n, MOMENTUM, t),
+        tensor_address(table, n, BACKUP, t),
+    )
+
+
+@triton.jit
+def element_ptr(address, start, ELEMENT: tl.constexpr):
+    """Typed pointer to element ``start`` of the tensor at ``address``."""
+    return address.to(tl.pointer_type(ELEMENT)) + start

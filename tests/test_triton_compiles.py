@@ -38,9 +38,7 @@ KERNELS = {
 CONSTEXPRS = {"ELEMENT": None, "HAS_MOMENTUM": True, "HAS_INV_SCALE": True, "BLOCK": 2048}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_compiles_for_sm90(kernel, dtype):
+def _compile(kernel: str, dtype: torch.dtype):
     module_name, function_name = kernel.split(".")
     module = importlib.import_module(f"{triton_backend.kernels.__name__}.{module_name}")
     signature = KERNELS[kernel]
@@ -50,5 +48,26 @@ def test_kernel_compiles_for_sm90(kernel, dtype):
         signature=signature,
         constexprs={k: v for k, v in constexprs.items() if k in signature},
     )
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": 8})
-    assert compiled.asm["cubin"]
+    return triton.compile(source, target=TARGET, options={"num_warps": 8})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_compiles_for_sm90(kernel, dtype):
+    assert _compile(kernel, dtype).asm["cubin"]
+
+
+# Streaming kernels reach full bandwidth only with 16-byte accesses (kernels/vector.py).
+VECTOR_ACCESSES = {
+    "sq_norm._partials_kernel": ("ld.global.v4",),
+    "perturb._perturb_kernel": ("ld.global.v4", "st.global.v4"),
+    "restore._restore_kernel": ("ld.global.v4", "st.global.v4"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel", VECTOR_ACCESSES)
+def test_aligned_chunks_are_read_and_written_with_16_byte_vectors(kernel, dtype):
+    ptx = _compile(kernel, dtype).asm["ptx"]
+    for access in VECTOR_ACCESSES[kernel]:
+        assert access in ptx, f"{kernel} ({dtype}) has no {access}"

@@ -23,6 +23,8 @@ pytest.importorskip("triton")
 from fsam_fused import FriendlySAM, backends  # noqa: E402
 from tests import test_grad_scaler, test_mixed_precision, test_nonfinite, test_semantics  # noqa: E402
 from tests.cases import CASES, assert_traces_close, run  # noqa: E402
+from tests.op_oracle import SHAPE_SETS, check_shapes  # noqa: E402
+from tests.triton_ops import TritonOps  # noqa: E402
 
 triton_backend = backends._load("triton")
 if triton_backend is None or "cpu" not in triton_backend.device_types:
@@ -64,6 +66,13 @@ def test_triton_matches_reference_over_steps(case, dtype):
     expected = run(case, "reference", dtype=dtype, seed=seed, steps=STEPS)
     actual = run(case, "triton", dtype=dtype, seed=seed, steps=STEPS)
     assert_traces_close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("with_momentum", [True, False], ids=["fsam", "sam"])
+@pytest.mark.parametrize("shape_set", SHAPE_SETS)
+def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, with_momentum):
+    """Both branches of every kernel: 16-byte vectors and the scalar fallback (kernels/vector.py)."""
+    check_shapes(TritonOps(), SHAPE_SETS[shape_set], DTYPES, "cpu", with_momentum=with_momentum, label="tt")
 
 
 def _mixed_params(seed):
