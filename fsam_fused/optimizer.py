@@ -137,6 +137,15 @@ class FriendlySAM(torch.optim.Optimizer):
             backends.resolve(backend, self._main_device().type)
         self._pending = _PendingStep()
         self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
+        # A fused torch.optim optimizer skips its step on a device flag read from its
+        # ``found_inf`` attribute, as GradScaler drives it. The attribute is set here, once,
+        # to a flag that each step overwrites in place: torch.compile traces the copy, while
+        # an attribute assignment inside a compiled second_step fails on some torch
+        # releases (2.11: "setattr on a user-defined object").
+        self._base_found_inf: Tensor | None = None
+        if getattr(base, "_step_supports_amp_scaling", False):
+            self._base_found_inf = torch.zeros((), dtype=torch.float32, device=self._main_device())
+            base.found_inf = self._base_found_inf
         self._reference_backups: dict[Tensor, Tensor] = {}
         self._invalidate()
 
@@ -399,13 +408,15 @@ class FriendlySAM(torch.optim.Optimizer):
 
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
-        if getattr(base, "_step_supports_amp_scaling", False):
-            # Fused PyTorch optimizers skip on a device-side flag, as GradScaler drives them.
-            base.found_inf = found_inf
+        flag = self._base_found_inf
+        if flag is not None:
+            if getattr(base, "found_inf", None) is not flag:
+                base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
+            flag.copy_(found_inf)
             try:
                 base.step()
             finally:
-                base.found_inf = None
+                flag.zero_()  # a direct base_optimizer.step() later is not skipped
         elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
             base.step()
 

@@ -61,6 +61,35 @@ def test_non_finite_gradient_skips_the_whole_step(backend, fused, bad):
     assert not torch.equal(params[0], before[0][0])
 
 
+def _bad_grads(params):
+    grads = [torch.randn_like(p) for p in params]
+    grads[2][7] = math.inf
+    return grads
+
+
+def test_fused_base_still_skips_after_its_found_inf_attribute_was_removed():
+    """GradScaler.step(opt.base_optimizer) deletes the attribute the skip goes through."""
+    params, opt = _setup("torch", fused=True)
+    _full_step(params, opt, [torch.randn_like(p) for p in params])
+    del opt.base_optimizer.found_inf
+    before = _snapshot(params, opt)
+    _full_step(params, opt, _bad_grads(params))
+    for b, a in zip(before[0], _snapshot(params, opt)[0]):
+        assert torch.equal(a, b)
+    assert opt.skipped_steps == 1
+
+
+def test_direct_base_step_after_a_skipped_step_is_not_skipped():
+    params, opt = _setup("torch", fused=True)
+    _full_step(params, opt, _bad_grads(params))
+    assert opt.skipped_steps == 1
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.base_optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_skipped_first_step_leaves_momentum_unseeded(backend):
     params, opt = _setup(backend)
