@@ -1,8 +1,10 @@
 """How setup.py builds the extension ``fsam_fused._C`` from csrc/.
 
 The CPU ops are always built. The CUDA ops are added when the CUDA toolkit (nvcc) and a
-CUDA build of torch are both present, whether or not a GPU is visible; a toolkit that
-is present but fails to compile the sources fails the build, so CI sees it.
+CUDA build of torch are both present and their CUDA major versions agree, whether or not a
+GPU is visible; a toolkit that fails to compile the sources fails the build, so CI sees it.
+A toolkit whose major version differs from torch's (which torch's extension builder
+refuses) gives a CPU-only build with a warning that says why.
 
 Environment:
   FSAM_FUSED_NO_EXT=1    install pure Python (no extension; the torch/triton backends only).
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -35,19 +40,57 @@ def _flag(name: str) -> str | None:
     return value or None
 
 
-def _want_cuda() -> bool:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+def _nvcc_release(cuda_home: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version`` under ``cuda_home``, or None if it cannot tell."""
+    try:
+        out = subprocess.run(
+            [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=120
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match[1]}.{match[2]}" if match else None
 
-    forced = _flag("FSAM_FUSED_CUDA")
-    possible = CUDA_HOME is not None and torch.version.cuda is not None
-    if forced == "1" and not possible:
-        raise RuntimeError(
-            "FSAM_FUSED_CUDA=1 but the CUDA ops cannot be built: "
-            f"nvcc found at {CUDA_HOME!r}, torch CUDA version {torch.version.cuda!r}. Install the CUDA "
-            "toolkit matching torch (or set CUDA_HOME) and a CUDA build of torch, or unset FSAM_FUSED_CUDA."
+
+def cuda_build_blocker() -> str | None:
+    """Why the CUDA ops cannot be built in this environment, or None when they can."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) was found; set CUDA_HOME"
+    release = _nvcc_release(cpp_extension.CUDA_HOME)
+    if release is None:
+        return f"nvcc under {cpp_extension.CUDA_HOME} did not report its version"
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (
+            f"nvcc {release} (in {cpp_extension.CUDA_HOME}) and torch's CUDA {torch.version.cuda} "
+            "differ in major version, which torch's extension builder refuses"
         )
-    return possible if forced is None else forced == "1"
+    return None
+
+
+def _want_cuda() -> bool:
+    forced = _flag("FSAM_FUSED_CUDA")
+    if forced == "0":
+        return False
+    blocker = cuda_build_blocker()
+    if blocker is None:
+        return True
+    if forced == "1":
+        raise RuntimeError(
+            f"FSAM_FUSED_CUDA=1 but the CUDA ops cannot be built: {blocker}. Install the CUDA toolkit "
+            "matching torch (or point CUDA_HOME at it), or unset FSAM_FUSED_CUDA."
+        )
+    if "major version" in blocker:
+        print(
+            f"fsam_fused: building the CPU ops only: {blocker}. The triton backend still runs on CUDA; "
+            "set FSAM_FUSED_CUDA=1 to make this an error.",
+            file=sys.stderr,
+        )
+    return False
 
 
 def _cuda_arch_list() -> str:

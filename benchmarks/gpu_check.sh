@@ -11,7 +11,7 @@
 # 4. writes everything under $OUT (default ./gpu_check_out), 7 files:
 #      env.txt  build.log  pytest_gpu.log  bench.log  results.json  results.png  summary.txt
 #    and prints summary.txt (the tables) last.
-# Each stage has a time limit so that the whole check ends in under 8 minutes on an H100.
+# Each stage has a time limit; together they stop the check within 490 s (8.2 minutes).
 # Without a GPU it says so and runs the CPU fallback: no build, no GPU tests, and a quick
 # fsam-bench on the CPU.
 #
@@ -30,9 +30,10 @@ fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_check_out}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-# Stage limits in seconds: 180 + 120 + 160 leaves room in 8 minutes on an H100.
-BUILD_LIMIT_S=180
-PYTEST_LIMIT_S=120
+# Stage limits in seconds. The GPU tests compile every Triton kernel variant and autotune
+# on first use, so they get the most.
+BUILD_LIMIT_S=150
+PYTEST_LIMIT_S=180
 BENCH_LIMIT_S=160
 mkdir -p "$OUT"
 cd "$REPO" || exit 1

@@ -8,16 +8,16 @@ import os
 
 import pytest
 import torch
-from torch.utils.cpp_extension import CUDA_HOME
+from torch.utils import cpp_extension
 
+import build_ext
 from tests.cuda_targets import embedded_targets, find_cuobjdump, requested_targets
 
 _ops = pytest.importorskip("fsam_fused._ops", reason="the native extension is not built")
 
-CUDA_BUILDABLE = (
-    CUDA_HOME is not None and torch.version.cuda is not None and os.environ.get("FSAM_FUSED_CUDA") != "0"
-)
-needs_cuda_build = pytest.mark.skipif(not CUDA_BUILDABLE, reason="no CUDA toolkit or CPU-only torch")
+# The build's own rule, so the two cannot disagree on whether CUDA should be inside.
+BLOCKER = "FSAM_FUSED_CUDA=0" if os.environ.get("FSAM_FUSED_CUDA") == "0" else build_ext.cuda_build_blocker()
+needs_cuda_build = pytest.mark.skipif(BLOCKER is not None, reason=f"CUDA ops not buildable here: {BLOCKER}")
 
 
 def test_cpu_kernels_are_registered():
@@ -50,3 +50,30 @@ def test_requested_targets_parses_arch_lists():
         {"sm_80", "sm_89", "sm_90a", "sm_120"},
         {"sm_120"},
     )
+
+
+@pytest.fixture
+def cuda_torch_with_toolkit(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("FSAM_FUSED_CUDA", raising=False)
+
+
+def test_toolkit_of_another_major_version_builds_cpu_only_and_says_why(
+    cuda_torch_with_toolkit, monkeypatch, capsys
+):
+    monkeypatch.setattr(build_ext, "_nvcc_release", lambda home: "12.4")
+    assert "nvcc 12.4" in build_ext.cuda_build_blocker() and "13.0" in build_ext.cuda_build_blocker()
+    assert build_ext._want_cuda() is False
+    assert "building the CPU ops only" in capsys.readouterr().err
+    monkeypatch.setenv("FSAM_FUSED_CUDA", "1")
+    with pytest.raises(RuntimeError, match="FSAM_FUSED_CUDA=1 but the CUDA ops cannot be built: nvcc 12.4"):
+        build_ext._want_cuda()
+
+
+def test_toolkit_of_the_same_major_version_builds_cuda(cuda_torch_with_toolkit, monkeypatch):
+    monkeypatch.setattr(build_ext, "_nvcc_release", lambda home: "13.2")
+    assert build_ext.cuda_build_blocker() is None
+    assert build_ext._want_cuda() is True
+    monkeypatch.setenv("FSAM_FUSED_CUDA", "0")
+    assert build_ext._want_cuda() is False
