@@ -48,15 +48,19 @@ def autotuned(kernel: triton.JITFunction, key: list[str]) -> Launcher:
 
     On the GPU the block size and warps are tuned once per ``key`` (the first launch
     times every candidate, which synchronises); the interpreter takes the fixed config.
+    The autotuner is built on the first GPU launch, so importing the kernels does no work
+    that may need a GPU driver.
     """
-    configs = [triton.Config({"BLOCK": c.block}, num_warps=c.num_warps) for c in GPU_CONFIGS]
-    tuned = triton.autotune(configs=configs, key=key)(kernel)
+    tuned: list = []
 
     def launch(grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
         if INTERPRETED:
             fixed(kernel)(grid, *args, **constexprs)
-        else:
-            tuned[grid](*args, **constexprs)
+            return
+        if not tuned:
+            configs = [triton.Config({"BLOCK": c.block}, num_warps=c.num_warps) for c in GPU_CONFIGS]
+            tuned.append(triton.autotune(configs=configs, key=key)(kernel))
+        tuned[0][grid](*args, **constexprs)
 
     return launch
 

@@ -73,3 +73,27 @@ def test_without_triton_the_backend_is_unavailable_with_a_hint():
     )
     result = _python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_triton_that_fails_to_load_leaves_the_package_usable():
+    """Triton 3.2 without a GPU raised RuntimeError at import; that must not break fsam_fused."""
+    script = (
+        "import importlib.abc, sys\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fsam_fused.kernels':\n"
+        "            raise RuntimeError('0 active drivers ([]). There should only be one.')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import fsam_fused, torch\n"
+        "assert 'triton' not in fsam_fused.available_backends()\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "fsam_fused.FriendlySAM([p], torch.optim.SGD, lr=0.1)\n"
+        "try:\n"
+        "    fsam_fused.FriendlySAM([p], torch.optim.SGD, lr=0.1, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert '0 active drivers' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('backend=triton was accepted with a broken triton')\n"
+    )
+    result = _python(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -39,9 +39,12 @@ def _load(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-        except ImportError as exc:
+        except Exception as exc:  # noqa: BLE001
+            # An optional backend that cannot load (a missing or incompatible triton, an
+            # extension built for another torch) is unavailable, with the reason kept for
+            # the error that asks for it; it must not break importing the package.
             _loaded[name] = None
-            _load_errors[name] = str(exc)
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
 
 
