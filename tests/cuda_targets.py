@@ -51,3 +51,19 @@ def embedded_targets(library: str | Path, cuobjdump: str) -> tuple[set[str], set
         return set(re.findall(rf"\.(sm_\d+[a-z]?)\.{suffix}\b", out))
 
     return listed("--list-elf", "cubin"), listed("--list-ptx", "ptx")
+
+
+def wide_access_kernels(library: str | Path, cuobjdump: str, arch: str) -> dict[str, set[str]]:
+    """For each kernel of ``arch``'s machine code, its 128-bit global accesses (``LDG.E.128``...)."""
+    result = subprocess.run(
+        [cuobjdump, "-sass", "-arch", arch, str(library)], capture_output=True, text=True, check=True
+    )
+    kernels: dict[str, set[str]] = {}
+    current = None
+    for line in result.stdout.splitlines():
+        if "Function :" in line:
+            current = line.split("Function :")[1].strip()
+            kernels[current] = set()
+        elif current is not None:
+            kernels[current].update(re.findall(r"\b((?:LDG|STG)\.E\.128)\b", line))
+    return kernels

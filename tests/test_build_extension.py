@@ -11,7 +11,7 @@ import torch
 from torch.utils import cpp_extension
 
 import build_ext
-from tests.cuda_targets import embedded_targets, find_cuobjdump, requested_targets
+from tests.cuda_targets import embedded_targets, find_cuobjdump, requested_targets, wide_access_kernels
 
 _ops = pytest.importorskip("fsam_fused._ops", reason="the native extension is not built")
 
@@ -43,6 +43,24 @@ def test_extension_embeds_the_requested_cuda_targets():
     have_elf, have_ptx = embedded_targets(_ops._C.__file__, cuobjdump)
     assert want_elf <= have_elf, f"requested {sorted(want_elf)}, ELF code for {sorted(have_elf)}"
     assert want_ptx <= have_ptx, f"requested PTX for {sorted(want_ptx)}, found {sorted(have_ptx)}"
+
+
+@needs_cuda_build
+def test_cuda_kernels_read_and_write_with_16_byte_accesses():
+    """Every streaming kernel has its vector path in the machine code (the scalar tail is there too)."""
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
+    want_elf, _ = requested_targets(_ops.cuda_arch_list)
+    arch = max(want_elf)
+    kernels = wide_access_kernels(_ops._C.__file__, cuobjdump, arch)
+    expected = {"chunk_sq_norm_kernel": {"LDG.E.128"}, "perturb_kernel": {"LDG.E.128", "STG.E.128"}}
+    expected["restore_kernel"] = {"LDG.E.128", "STG.E.128"}
+    for family, accesses in expected.items():
+        found = {name: got for name, got in kernels.items() if family in name}
+        assert found, f"no {family} in the {arch} code"
+        for name, got in found.items():
+            assert accesses <= got, f"{name} ({arch}) lacks {accesses - got}"
 
 
 def test_requested_targets_parses_arch_lists():
