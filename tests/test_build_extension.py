@@ -33,11 +33,16 @@ def test_cuda_kernels_are_built_when_the_toolkit_is_present():
     assert _ops.cuda_arch_list
 
 
-@needs_cuda_build
-def test_extension_embeds_the_requested_cuda_targets():
-    cuobjdump = find_cuobjdump()
-    if cuobjdump is None:
+@pytest.fixture
+def cuobjdump() -> str:
+    found = find_cuobjdump()
+    if found is None:
         pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
+    return found
+
+
+@needs_cuda_build
+def test_extension_embeds_the_requested_cuda_targets(cuobjdump):
     want_elf, want_ptx = requested_targets(_ops.cuda_arch_list)
     assert want_elf, f"no numeric targets in {_ops.cuda_arch_list!r}"
     have_elf, have_ptx = embedded_targets(_ops._C.__file__, cuobjdump)
@@ -46,11 +51,8 @@ def test_extension_embeds_the_requested_cuda_targets():
 
 
 @needs_cuda_build
-def test_cuda_kernels_read_and_write_with_16_byte_accesses():
+def test_cuda_kernels_read_and_write_with_16_byte_accesses(cuobjdump):
     """Every streaming kernel has its vector path in the machine code (the scalar tail is there too)."""
-    cuobjdump = find_cuobjdump()
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
     want_elf, _ = requested_targets(_ops.cuda_arch_list)
     arch = max(want_elf)
     kernels = wide_access_kernels(_ops._C.__file__, cuobjdump, arch)
