@@ -46,6 +46,10 @@ void check_restore_lists(const char* op, at::TensorList params, at::TensorList b
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(op, i, params[i]);
     check_backup(op, i, backup[i], params[i]);
+    // One launch covers the list, on params[0]'s device.
+    TORCH_CHECK(
+        params[i].device() == params[0].device(), op, ": params[", i, "] is on ", params[i].device(),
+        " but params[0] is on ", params[0].device(), "; pass the tensors of one device");
   }
 }
 

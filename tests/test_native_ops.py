@@ -143,3 +143,13 @@ def test_opcheck_passes_for_every_op(with_momentum, device):
         (lists.params, lists.grads, lists.momentum, lists.backup, lists.coef, total, 1e-12, lists.inv_scale),
     )
     torch.library.opcheck(torch.ops.fsam_fused.restore_.default, (lists.params, lists.backup))
+
+
+@pytest.mark.gpu
+def test_restore_refuses_tensors_of_two_devices():
+    """One launch covers the list, so a tensor elsewhere would be read through a wrong pointer."""
+    params = [torch.zeros(4, device="cuda"), torch.zeros(4)]
+    backup = [torch.ones(4, device="cuda"), torch.ones(4)]
+    with pytest.raises(RuntimeError, match=re.escape("params[1] is on cpu but params[0] is on cuda:0")):
+        _ops.restore_(params, backup)
+    assert torch.equal(params[0], torch.zeros(4, device="cuda"))

@@ -18,13 +18,14 @@ namespace fsam_fused::cuda {
 
 constexpr int kThreads = 512;
 constexpr int64_t kChunkSize = 32768;
-// Kernel parameters may take up to 32 KiB since CUDA 12.1 on every target we build for
-// (sm_70 and later); a Depth-4 table is about 8 KiB.
+// Kernel parameters may take up to 32764 bytes since CUDA 12.1 on Volta and later (every
+// target we build for); a Depth-4 table is about 8 KiB.
 constexpr int kMaxTensorsPerLaunch = 64;
 constexpr int kMaxBlocksPerLaunch = 1024;
 
 template <int Depth>
 struct LaunchTable {
+  static_assert(kMaxTensorsPerLaunch <= 256, "block_tensor is a uint8_t index");
   void* addr[Depth][kMaxTensorsPerLaunch];
   int64_t numel[kMaxTensorsPerLaunch];
   // The tensor's position in the op's lists: its row of the coefficient table.
@@ -34,6 +35,7 @@ struct LaunchTable {
   // The op-wide index of this launch's first block (where its norm partials go).
   int64_t first_block;
 };
+static_assert(sizeof(LaunchTable<4>) <= 32764, "kernel parameters are limited to 32764 bytes");
 
 inline int64_t chunks_of(int64_t numel) {
   return (numel + kChunkSize - 1) / kChunkSize;
