@@ -43,6 +43,12 @@ def build_block_map(numels: list[int], indices: list[int], device: torch.device)
 
 @triton.jit
 def load_entry(block_map, c):
-    """Tensor index, first element and element count of chunk ``c``."""
+    """Tensor index, first element and element count of chunk ``c``.
+
+    The count (at most CHUNK) is narrowed to int32, so the loop index and masks that
+    derive from it are 32-bit: with int64 they took about twice the registers (101
+    rather than 56 per thread in the fp32 perturb kernel) and halved occupancy. The
+    start stays int64 for tensors of more than 2**31 elements.
+    """
     entry = block_map + c * 3
-    return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+    return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2).to(tl.int32)

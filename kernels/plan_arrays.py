@@ -19,6 +19,11 @@ from .common import ELEMENT_TYPES
 from .tensor_table import GRAD, addresses, build_table, upload
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being recorded into a CUDA graph right now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass(frozen=True)
 class Segment:
     """The tensors of one element type: their block map and slots in the partials buffer."""
@@ -48,6 +53,7 @@ class PlanArrays:
         self.has_momentum = momentum is not None
         self.table = build_table(params, grads, momentum, backup)
         self._grad_addresses = addresses(grads)
+        self._captured = False
         self._checked_grads = grads
         numels = [p.numel() for p in params]
         by_type: dict[torch.dtype, list[int]] = {}
@@ -73,6 +79,10 @@ class PlanArrays:
             return
         self._checked_grads = grads
         current = addresses(grads)
-        if current != self._grad_addresses:
+        # Once a step was recorded into a CUDA graph, each replay writes the recorded
+        # addresses into the table behind the host's back, so from then on every eager
+        # step uploads its own rather than trusting the host's record.
+        self._captured = self._captured or capturing(self.table.device)
+        if self._captured or current != self._grad_addresses:
             upload(current, self.table[GRAD.value])
             self._grad_addresses = current

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .block_map import load_entry
 from .coef import load_coef
-from .common import autotuned
+from .common import fixed
 from .plan_arrays import PlanArrays
 from .tensor_table import element_ptr, load_addresses
 from .vector import aligned_ptr, vectorizable, whole_vectors
@@ -98,8 +98,11 @@ def _sum_kernel(values, count, out, BLOCK: tl.constexpr):
     tl.store(out, tl.sum(acc, axis=0))
 
 
-# Writing the partials again gives the same partials, so tuning runs are harmless.
-_launch_partials = autotuned(_partials_kernel, key=["ELEMENT", "HAS_MOMENTUM"])
+# Not autotuned: the block size and warps fix the order in which a chunk's elements are
+# summed, and a tuner picks its winner by timing, afresh in every process, so the norm's
+# last bits (and the perturbed point) could differ between runs or between a run and
+# its resumption.
+_launch_partials = fixed(_partials_kernel)
 
 
 def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Tensor) -> None:

@@ -6,6 +6,9 @@ example a non-constexpr global read inside a kernel), so CI compiles them too.
 
 import importlib
 import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +74,28 @@ def test_aligned_chunks_are_read_and_written_with_16_byte_vectors(kernel, dtype)
     ptx = _compile(kernel, dtype).asm["ptx"]
     for access in VECTOR_ACCESSES[kernel]:
         assert access in ptx, f"{kernel} ({dtype}) has no {access}"
+
+
+# Registers per thread that leave room for 4 programs of 256 threads on an SM (65536
+# registers): with fewer resident programs, too few bytes are in flight to keep HBM busy.
+REGISTER_BUDGET = 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", VECTOR_ACCESSES)
+def test_streaming_kernels_fit_the_register_budget(kernel, dtype, tmp_path):
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file():
+        pytest.skip(f"no ptxas bundled with triton at {ptxas}")
+    compiled = _compile(kernel, dtype)
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    arch = re.search(r"\.target (sm_\w+)", compiled.asm["ptx"])[1]
+    result = subprocess.run(
+        [str(ptxas), "-v", f"-arch={arch}", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    registers = int(re.search(r"Used (\d+) registers", result.stdout + result.stderr)[1])
+    assert registers <= REGISTER_BUDGET, f"{kernel} ({dtype}) uses {registers} registers per thread"

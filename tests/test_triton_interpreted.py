@@ -134,6 +134,27 @@ def test_table_follows_gradients_that_moved():
     assert_traces_close(actual, expected, torch.float32)
 
 
+def test_after_a_graph_capture_every_eager_step_uploads_its_gradient_addresses(monkeypatch):
+    """A replay rewrites the table with the recorded addresses; the host cannot see it."""
+    plan_arrays = triton_backend.kernels.plan_arrays
+    g = torch.Generator().manual_seed(_seed("graph"))
+    params = [torch.randn(5, generator=g), torch.randn(CHUNK + 1, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    arrays = plan_arrays.PlanArrays(params, grads, None, [p.clone() for p in params])
+    grad_row = arrays.table[plan_arrays.GRAD.value]
+    eager = [t.data_ptr() for t in grads]
+    recorded = [t.clone() for t in grads]
+
+    monkeypatch.setattr(plan_arrays, "capturing", lambda device: True)
+    arrays.use_grads(recorded)  # the step recorded into the graph
+    monkeypatch.setattr(plan_arrays, "capturing", lambda device: False)
+    arrays.use_grads(list(grads))  # an eager step
+    assert grad_row.tolist() == eager
+    grad_row.copy_(torch.tensor([t.data_ptr() for t in recorded]))  # what a replay does
+    arrays.use_grads(list(grads))  # the next eager step, at the same addresses
+    assert grad_row.tolist() == eager
+
+
 def _plan(seed, inv_scale=None):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((5,), (CHUNK + 1,), (3, 7))]
