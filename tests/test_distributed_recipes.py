@@ -16,6 +16,11 @@ EXAMPLE = ROOT / "examples" / "distributed.py"
 TIMEOUT_S = 120
 # About a minute on 2 CPU cores: torchrun starts two fresh interpreters per recipe.
 pytestmark = pytest.mark.slow
+# A rank of a gloo job sometimes aborts at exit with this message, after its work is done:
+# 2 to 3 runs in 12 of a plain DDP + torch.optim.SGD script, with no fsam_fused imported
+# (torch 2.14.1, 2 CPU ranks on this machine). Such a run is retried; any other failure is not.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+ATTEMPTS = 3
 
 
 def _torchrun(script: Path, *args: str) -> str:
@@ -29,7 +34,10 @@ def _torchrun(script: Path, *args: str) -> str:
         str(script),
         *args,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    for _ in range(ATTEMPTS):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        if done.returncode == 0 or GLOO_TEARDOWN_ABORT not in done.stderr:
+            break
     assert done.returncode == 0, f"{script.name} {args} failed:\n{done.stdout}\n{done.stderr[-20000:]}"
     return done.stdout
 
