@@ -29,10 +29,11 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # -fopenmp: at::parallel_for is OpenMP in torch's builds. -fno-wrapv undoes the -fwrapv
 # that Python's CFLAGS bring: with wrapping signed indices GCC vectorises the norm's
 # loop poorly (measured 2x slower).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-wrapv"]
-# --fmad=false: nvcc would fuse a * b + c into one rounding, the CPU build does not, and
-# the kernels share one expression (csrc/fsam_math.h) so that both round alike. The step
-# is bound by memory traffic, not arithmetic.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off"]
+# --fmad=false here and -ffp-contract=off above: compilers may fuse a * b + c into one
+# rounding (nvcc by default, GCC wherever the target has FMA, e.g. aarch64), and the CPU
+# and CUDA kernels share one expression (csrc/fsam_math.h) so that both round alike. The
+# step is bound by memory traffic, not arithmetic.
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 
@@ -76,6 +77,9 @@ def cuda_build_blocker() -> str | None:
 
 
 def _want_cuda() -> bool:
+    import torch
+    from torch.utils import cpp_extension
+
     forced = _flag("FSAM_FUSED_CUDA")
     if forced == "0":
         return False
@@ -87,7 +91,7 @@ def _want_cuda() -> bool:
             f"FSAM_FUSED_CUDA=1 but the CUDA ops cannot be built: {blocker}. Install the CUDA toolkit "
             "matching torch (or point CUDA_HOME at it), or unset FSAM_FUSED_CUDA."
         )
-    if "major version" in blocker:
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         print(
             f"fsam_fused: building the CPU ops only: {blocker}. The triton backend still runs on CUDA; "
             "set FSAM_FUSED_CUDA=1 to make this an error.",

@@ -20,8 +20,11 @@ from .tensor_table import GRAD, addresses, build_table, upload
 
 
 def capturing(device: torch.device) -> bool:
-    """Whether work for ``device`` is being recorded into a CUDA graph right now."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether ``device``'s current stream is being recorded into a CUDA graph right now."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class PlanArrays:
         self.has_momentum = momentum is not None
         self.table = build_table(params, grads, momentum, backup)
         self._grad_addresses = addresses(grads)
-        self._captured = False
+        self._captured = capturing(device)
         self._checked_grads = grads
         numels = [p.numel() for p in params]
         by_type: dict[torch.dtype, list[int]] = {}

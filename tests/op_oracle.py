@@ -22,6 +22,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA_CHUNK = 32768
 SHAPE_SETS = {
     "vector_widths": [(n,) for n in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33)],
+    # Whole 8-element units throughout: with three dtypes, each dtype gets aligned tensors
+    # (even positions) that take the vector paths from start to end.
+    "whole_vectors": [(8,), (24,), (64,), (4096,), (16384 + 8,), (40,)],
     "chunk_boundaries": [
         (CUDA_CHUNK - 1,),
         (CUDA_CHUNK,),
@@ -70,10 +73,10 @@ def make_lists(
     params, grads, moms, backups = [], [], [], []
     for i, shape in enumerate(shapes):
         dtype = dtypes[i % len(dtypes)]
-        # Half the tensors sit at offset 0 (16-byte aligned: the vector paths), the rest
-        # at odd offsets (the scalar paths).
+        # Even-numbered tensors sit at offset 0 (16-byte aligned: the vector paths), the
+        # others at odd offsets (the scalar paths).
         offsets = [int(o) for o in torch.randint(1, 7, (4,), generator=gen)]
-        if torch.rand((), generator=gen) < 0.5:
+        if i % 2 == 0:
             offsets = [0, 0, 0, 0]
         # Moved first, then placed: ``.to(device)`` of a view would drop its offset.
         params.append(view_at_offset(rand(shape, dtype).to(device), offsets[0]))
@@ -190,13 +193,22 @@ def check_ops_match_oracle(ops: Ops, lists: Lists, eps: float = 1e-12) -> None:
     assert_bits_equal(lists.params, old_params, "params after restore_")
 
 
-def check_shapes(ops: Ops, shapes, dtypes, device, *, with_momentum: bool, label: str = "") -> None:
+# The kernel variants: with or without momentum (F-SAM or SAM), with or without a loss scale.
+VARIANTS = {
+    f"{'fsam' if m else 'sam'}{'_scaled' if u else ''}": dict(with_momentum=m, inv_scale=u)
+    for m in (True, False)
+    for u in (True, False)
+}
+
+
+def check_shapes(
+    ops: Ops, shapes, dtypes, device, *, with_momentum: bool, inv_scale: bool, label: str = ""
+) -> None:
     """:func:`check_ops_match_oracle` on fresh random lists of ``shapes``.
 
-    F-SAM lists (``with_momentum``) also carry an inverse loss scale. The seed comes from
-    the arguments, so a failure reproduces in another process.
+    The seed comes from the arguments, so a failure reproduces in another process.
     """
-    key = f"{label}|{shapes}|{dtypes}|{device}|{with_momentum}"
+    key = f"{label}|{shapes}|{dtypes}|{device}|{with_momentum}|{inv_scale}"
     gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     lists = make_lists(
         shapes,
@@ -204,7 +216,7 @@ def check_shapes(ops: Ops, shapes, dtypes, device, *, with_momentum: bool, label
         device,
         gen,
         momentum=with_momentum,
-        inv_scale=with_momentum,
+        inv_scale=inv_scale,
         channels_last=any(len(s) == 4 for s in shapes),
     )
     check_ops_match_oracle(ops, lists)

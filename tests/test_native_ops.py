@@ -12,6 +12,7 @@ from tests.op_oracle import (
     CUDA_CHUNK,
     DTYPES,
     SHAPE_SETS,
+    VARIANTS,
     Lists,
     assert_bits_equal,
     bits,
@@ -50,10 +51,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_momentum", [True, False], ids=["fsam", "sam"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shapes,dtypes", CASES)
-def test_ops_match_oracle(shapes, dtypes, with_momentum, device):
-    check_shapes(NativeOps(), shapes, dtypes, device, with_momentum=with_momentum, label="native")
+def test_ops_match_oracle(shapes, dtypes, variant, device):
+    check_shapes(NativeOps(), shapes, dtypes, device, **VARIANTS[variant], label="native")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ import torch
 
 import fsam_fused
 from tests.cases import CASE_IDS, CASES, Case, assert_traces_close, run
-from tests.op_oracle import SHAPE_SETS, check_shapes
+from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes
 from tests.triton_ops import TritonOps
 
 _triton = fsam_fused.backends._load("triton")
@@ -56,11 +56,11 @@ def test_compiled_triton_agrees_with_native(case, dtype):
     assert_traces_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("with_momentum", [True, False], ids=["fsam", "sam"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtypes", [[d] for d in DTYPES] + [DTYPES], ids=["fp32", "bf16", "fp16", "mixed"])
 @pytest.mark.parametrize("shape_set", SHAPE_SETS)
-def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, dtypes, with_momentum):
-    check_shapes(TritonOps(), SHAPE_SETS[shape_set], dtypes, "cuda", with_momentum=with_momentum, label="tt")
+def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, dtypes, variant):
+    check_shapes(TritonOps(), SHAPE_SETS[shape_set], dtypes, "cuda", **VARIANTS[variant], label="tt")
 
 
 def test_two_runs_are_bitwise_equal():

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from fsam_fused import FriendlySAM, backends  # noqa: E402
 from tests import test_grad_scaler, test_mixed_precision, test_nonfinite, test_semantics  # noqa: E402
 from tests.cases import CASES, assert_traces_close, run  # noqa: E402
-from tests.op_oracle import SHAPE_SETS, check_shapes  # noqa: E402
+from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes  # noqa: E402
 from tests.triton_ops import TritonOps  # noqa: E402
 
 triton_backend = backends._load("triton")
@@ -68,11 +68,11 @@ def test_triton_matches_reference_over_steps(case, dtype):
     assert_traces_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("with_momentum", [True, False], ids=["fsam", "sam"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape_set", SHAPE_SETS)
-def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, with_momentum):
+def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, variant):
     """Both branches of every kernel: 16-byte vectors and the scalar fallback (kernels/vector.py)."""
-    check_shapes(TritonOps(), SHAPE_SETS[shape_set], DTYPES, "cpu", with_momentum=with_momentum, label="tt")
+    check_shapes(TritonOps(), SHAPE_SETS[shape_set], DTYPES, "cpu", **VARIANTS[variant], label="tt")
 
 
 def _mixed_params(seed):

@@ -10,6 +10,7 @@ optimizer runs on its own.
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 REFERENCE = "reference"
@@ -42,9 +43,17 @@ def _load(name: str) -> ModuleType | None:
         except Exception as exc:  # noqa: BLE001
             # An optional backend that cannot load (a missing or incompatible triton, an
             # extension built for another torch) is unavailable, with the reason kept for
-            # the error that asks for it; it must not break importing the package.
+            # the error that asks for it; it must not break importing the package. A
+            # failure other than a missing module is said aloud, since "auto" then quietly
+            # picks a slower backend.
             _loaded[name] = None
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, ImportError):
+                warnings.warn(
+                    f"fsam_fused: the {name} backend failed to load and is unavailable: {_load_errors[name]}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _loaded[name]
 
 
