@@ -97,3 +97,11 @@ def test_toolkit_of_the_same_major_version_builds_cuda(cuda_torch_with_toolkit, 
     assert build_ext._want_cuda() is True
     monkeypatch.setenv("FSAM_FUSED_CUDA", "0")
     assert build_ext._want_cuda() is False
+
+
+def test_toolkit_whose_version_cannot_be_read_builds_cpu_only_and_says_why(
+    cuda_torch_with_toolkit, monkeypatch, capsys
+):
+    monkeypatch.setattr(build_ext, "_nvcc_release", lambda home: None)
+    assert build_ext._want_cuda() is False
+    assert "did not report its version" in capsys.readouterr().err
