@@ -11,20 +11,20 @@ from tests.op_oracle import Lists
 
 
 class TritonOps:
-    """``fsam_fused.kernels`` on :class:`Lists`; one ``PlanArrays`` per lists object, as per plan."""
+    """``fsam_fused.kernels`` on :class:`Lists`; the ``PlanArrays`` of the last lists is kept, as per plan."""
 
     def __init__(self) -> None:
         backend = backends._load("triton")
         assert backend is not None, "triton is not importable"
         self.kernels = backend.kernels
-        self._arrays: dict[int, tuple[Lists, object]] = {}
+        self._lists: Lists | None = None
 
     def arrays(self, lists: Lists):
-        key = id(lists)
-        if key not in self._arrays:
-            arrays = self.kernels.PlanArrays(lists.params, lists.grads, lists.momentum or None, lists.backup)
-            self._arrays[key] = (lists, arrays)  # the lists are kept so that their id stays theirs
-        return self._arrays[key][1]
+        if lists is not self._lists:
+            self._lists = lists
+            momentum = lists.momentum or None
+            self._arrays = self.kernels.PlanArrays(lists.params, lists.grads, momentum, lists.backup)
+        return self._arrays
 
     def _device(self, lists: Lists) -> contextlib.AbstractContextManager:
         device = lists.coef.device
