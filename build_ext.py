@@ -144,7 +144,7 @@ def extensions() -> list:
         return []
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/host/*.cpp"))
     if not _want_cuda():
         return [
             CppExtension(

@@ -1,28 +1,7 @@
-// The fsam_fused operator schemas (declared once, here) and the Python module `fsam_fused._C`
-// whose import loads this library and so registers the ops. Implementations live in
-// cpu/ and cuda/, one file per op family; fake (meta) implementations beside the Python
-// wrappers in fsam_fused/_ops.py.
-#include <Python.h>
+// The fsam_fused operator schemas, declared once, here. Implementations live in cpu/ and
+// cuda/, one file per op family; fake (meta) implementations beside the Python wrappers in
+// fsam_fused/_ops.py. The Python module that loads this library is csrc/host/module.cpp.
 #include <torch/library.h>
-
-#ifndef FSAM_FUSED_CUDA_ARCHS
-#define FSAM_FUSED_CUDA_ARCHS ""
-#endif
-
-extern "C" {
-// A plain module with no functions: the ops are reached through torch.ops.fsam_fused.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  // The CUDA targets this build was compiled for ("" without CUDA), so tests and users
-  // can check that a wheel holds what it was asked to.
-  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", FSAM_FUSED_CUDA_ARCHS) != 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
-}
 
 TORCH_LIBRARY(fsam_fused, m) {
   // sum over tensors of ||a * d||^2, d = g * inv_scale - sigma * m, a = |p| if adaptive;

@@ -5,6 +5,8 @@
 namespace fsam_fused {
 namespace {
 
+thread_local bool lists_prechecked = false;
+
 bool is_supported(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
@@ -40,9 +42,20 @@ void check_backup(const char* op, size_t i, const at::Tensor& b, const at::Tenso
 
 }  // namespace
 
+PrecheckedLists::PrecheckedLists(bool prechecked) : previous_(lists_prechecked) {
+  lists_prechecked = prechecked;
+}
+
+PrecheckedLists::~PrecheckedLists() {
+  lists_prechecked = previous_;
+}
+
 void check_restore_lists(const char* op, at::TensorList params, at::TensorList backup) {
   TORCH_CHECK(
       backup.size() == params.size(), op, ": backup has ", backup.size(), " tensors, params has ", params.size());
+  if (lists_prechecked) {
+    return;
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(op, i, params[i]);
     check_backup(op, i, backup[i], params[i]);
@@ -71,6 +84,9 @@ void check_lists(
           coef.size(1) == kCoefColumns && coef.is_contiguous(),
       op, ": coef must be a contiguous float32 tensor of shape [", n, ", ", kCoefColumns,
       "] (rho, sigma, lmbda, adaptive per parameter), got ", coef.scalar_type(), " ", coef.sizes());
+  if (lists_prechecked) {
+    return;
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_param(op, i, p);

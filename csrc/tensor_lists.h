@@ -18,6 +18,21 @@
 
 namespace fsam_fused {
 
+// Within a PrecheckedLists scope on this thread, the ops skip the per-tensor checks of their
+// lists (sizes, strides, dtypes, devices), keeping only the O(1) ones. Set by a caller that
+// ran the same lists through the full checks before and knows nothing about them changed
+// since (fsam_fused::host::NativeLists, on a step whose scan saw no change).
+class PrecheckedLists {
+ public:
+  explicit PrecheckedLists(bool prechecked);
+  ~PrecheckedLists();
+  PrecheckedLists(const PrecheckedLists&) = delete;
+  PrecheckedLists& operator=(const PrecheckedLists&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // Checks the lists of one op call. `momentum` and `backup` may be empty when the op
 // does not take them (momentum: SAM keeps none; backup: sq_norm does not read it).
 void check_lists(

@@ -28,6 +28,21 @@ def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
     return scale.double().reciprocal().float()
 
 
+def check_first_pass_scaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Raise if ``scaler.unscale_(optimizer)`` already ran in this iteration, before ``first_step``.
+
+    ``first_step`` unscales the first-pass gradients as it reads them; unscaled twice, the
+    perturbation would shrink by the scale, and the second pass would never be unscaled.
+    """
+    record = scaler._per_optimizer_states.get(id(optimizer))
+    if scaler.is_enabled() and record is not None and record["stage"] is OptState.UNSCALED:
+        raise RuntimeError(
+            "scaler.unscale_(optimizer) ran before first_step(grad_scaler=scaler): first_step unscales "
+            "the first-pass gradients itself. Call scaler.unscale_ only after the second backward "
+            "(e.g. to clip gradients before second_step), or not at all"
+        )
+
+
 def step_found_inf(
     scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, first_pass: Tensor
 ) -> Tensor:

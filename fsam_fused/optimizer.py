@@ -7,13 +7,17 @@ compute (DESIGN.md section 2). One step is
     loss_fn(model(x), y).backward(); opt.second_step()   # restore p, base step
 
 and nothing in either half reads a value back to the host, except the one documented
-case in ``second_step`` (a non-fused base optimizer and the skip-on-non-finite rule).
+case in ``second_step`` (a base optimizer that cannot skip a step on the device).
+
+Per step the optimizer does O(1) Python work per param group and per plan: a *scan*
+(:mod:`fsam_fused.scan`) reads every gradient in one loop, in C++ where the extension is
+built, and says whether anything changed since the last step. Only then does the
+optimizer re-plan (:meth:`FriendlySAM._replan`), with every check applied.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -22,27 +26,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import amp, backends, distributed, reference
-from .plan import COEF_COLUMNS, DevicePlan, build_plan, mark_seeded, refresh_coefficients
-from .state import DeviceState, is_dense
+from . import amp, backends, distributed
+from .hparams import ADAPTIVE, GROUP_KEYS, GroupTable, Row, check_values, group_row
+from .param_state import ParamState
+from .plan import DevicePlan, PlanCache, build_plan
+from .scan import Scan, make_scan
+from .state import FlatState, is_dense
 
-_HPARAMS = ("rho", "sigma", "lmbda", "adaptive")
+try:
+    from ._C import zero_grads as _zero_grads_compiled
+except ImportError:
+    _zero_grads_compiled = None
 
-
-def _check_hparams(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) -> None:
-    for name, value in (("rho", rho), ("sigma", sigma), ("lmbda", lmbda)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number{where}, got {type(value).__name__}")
-        if value != value:
-            raise ValueError(f"{name} must not be NaN{where}")
-    if rho < 0:
-        raise ValueError(f"rho must be >= 0{where}, got {rho}")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0{where}, got {sigma}")
-    if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lmbda must lie in [0, 1]{where}, got {lmbda}")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
+Plans = list[tuple[ModuleType, DevicePlan]]
 
 
 @dataclass
@@ -55,7 +51,32 @@ class _PendingStep:
 
     perturbed: bool = False
     found_inf: Tensor | None = None
-    plans: list[tuple[ModuleType, DevicePlan]] = field(default_factory=list)
+    plans: Plans = field(default_factory=list)
+    momentum_saved: bool = False
+
+    def start(self, found_inf: Tensor, plans: Plans, momentum_saved: bool) -> None:
+        self.perturbed, self.found_inf, self.plans, self.momentum_saved = (
+            True,
+            found_inf,
+            plans,
+            momentum_saved,
+        )
+
+    def finish(self) -> None:
+        self.perturbed, self.found_inf, self.plans, self.momentum_saved = False, None, [], False
+
+
+class _GroupsRef:
+    """The param-group list, for traced code to reach without going through the optimizer.
+
+    ``torch.compile`` guards every value of a ``torch.optim.Optimizer``'s param groups read
+    through the optimizer (for torch.optim's own compiled steps), so a compiled first_step
+    would recompile each time a schedule changed a value it never reads. Reached through
+    this plain object, a group's values are guarded only where traced code reads them.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.groups = groups
 
 
 class FriendlySAM(torch.optim.Optimizer):
@@ -114,12 +135,9 @@ class FriendlySAM(torch.optim.Optimizer):
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
                 f"built on this optimizer's param groups), got {base_optimizer!r}"
             )
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        backends.check_name(backend)
-        _check_hparams("", rho, sigma, lmbda, adaptive)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        check_values("", rho, sigma, lmbda, adaptive)
         self._base_built = False
         defaults = dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive, **base_optimizer_kwargs)
         super().__init__(params, defaults)
@@ -130,12 +148,9 @@ class FriendlySAM(torch.optim.Optimizer):
         self.param_groups = base.param_groups
         self._base_built = True
         self.eps = float(eps)
-        self.backend = backend
         self.process_group = process_group
         self.replica_group = replica_group
-        if backend != backends.AUTO and backend != backends.REFERENCE:
-            backends.resolve(backend, self._main_device().type)
-        self._pending = _PendingStep()
+        self.state = ParamState()
         self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
         # A fused torch.optim optimizer skips its step on a device flag read from its
         # ``found_inf`` attribute, as GradScaler drives it. The attribute is set here, once,
@@ -146,14 +161,46 @@ class FriendlySAM(torch.optim.Optimizer):
         if getattr(base, "_step_supports_amp_scaling", False):
             self._base_found_inf = torch.zeros((), dtype=torch.float32, device=self._main_device())
             base.found_inf = self._base_found_inf
-        self._reference_backups: dict[Tensor, Tensor] = {}
-        self._invalidate()
+        self._base_stepped = False
+        self._backend = backend
+        self.backend = backend
 
     # ----------------------------------------------------------------- groups
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The param groups (shared with the base optimizer)."""
+        return self._groups_ref.groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.__dict__.setdefault("_groups_ref", _GroupsRef(groups)).groups = groups
+
+    @property
+    def backend(self) -> str:
+        """The backend name asked for (``"auto"`` picks per device); settable between steps."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be a string, got {type(name).__name__}")
+        backends.check_name(name)
+        if name != backends.AUTO:
+            backends.resolve(name, self._main_device().type)
+        if self._base_built and getattr(self, "_pending", None) is not None and self._pending.perturbed:
+            raise RuntimeError("the backend cannot change between first_step() and second_step()")
+        self._backend = name
+        self._reset_step_cache()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its missing ``rho``/``sigma``/``lmbda``/``adaptive`` take the defaults."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if self._base_built and self._pending.perturbed:
+            raise RuntimeError(
+                "add_param_group() between first_step() and second_step() is not supported; "
+                "add the group before first_step() or after second_step()"
+            )
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
@@ -161,137 +208,178 @@ class FriendlySAM(torch.optim.Optimizer):
                 raise ValueError("complex parameters are not supported: split them with torch.view_as_real")
             if isinstance(p, Tensor) and not p.dtype.is_floating_point:
                 raise ValueError(f"parameters must be floating point, got {p.dtype}")
-        for key in _HPARAMS:
+        for key in GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
-        _check_hparams(" (in a param group)", *(param_group[k] for k in _HPARAMS))
+        check_values(" (in a param group)", *(param_group[k] for k in GROUP_KEYS))
         if self._base_built:
             self.base_optimizer.add_param_group(param_group)
-            self._invalidate()
+            self._scan = None
         else:
             super().add_param_group(param_group)
 
-    def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:
-        rho, sigma, lmbda, adaptive = (group[k] for k in _HPARAMS)
-        _check_hparams(f" (param group {index})", rho, sigma, lmbda, adaptive)
-        return float(rho), float(sigma), float(lmbda), adaptive
-
     def _main_device(self) -> torch.device:
-        return self.param_groups[0]["params"][0].device
+        return self._groups_ref.groups[0]["params"][0].device
+
+    def _group_rows(self) -> tuple[Row, ...]:
+        return tuple(
+            group_row(i, g, with_momentum=self._uses_momentum) for i, g in enumerate(self.param_groups)
+        )
+
+    def _describe(self, p: Tensor) -> str:
+        for g, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"parameter {i} of param group {g} (shape {tuple(p.shape)})"
+        return f"a parameter of shape {tuple(p.shape)}"
 
     # ------------------------------------------------------------------ state
-    def _invalidate(self) -> None:
-        """Forget flat buffers and plans; they are rebuilt, keeping state, on the next step."""
-        self._states: dict[torch.device, DeviceState] | None = None
-        self._plans: dict[tuple, tuple[ModuleType, DevicePlan]] = {}
-        self._tables: dict[torch.device, tuple[tuple, Tensor]] = {}
+    def _reset_step_cache(self) -> None:
+        """Forget flat buffers, plans and tables; the next step rebuilds them, carrying the
+        momentum over from ``self.state`` (whose entries still hold it)."""
+        self._flat = FlatState(with_momentum=self._uses_momentum)
+        self._plan_cache = PlanCache()
+        self._tables: dict[torch.device, GroupTable] = {}
+        self._scan: Scan | None = None
+        self._step_plans: Plans = []
+        self._param_ptrs: tuple[int, ...] | None = None
+        self._norm_groups: tuple[dist.ProcessGroup, ...] = ()
+        self._pending = _PendingStep()
+        if isinstance(self.state, ParamState):
+            self.state.dirty = True
 
-    def _device_states(self) -> dict[torch.device, DeviceState]:
-        """Flat state per device, over each parameter's local part (the shard of a DTensor)."""
-        if self._states is None:
-            by_device: dict[torch.device, list[Tensor]] = {}
-            self._local_of: dict[Tensor, Tensor] = {}
-            for group in self.param_groups:
-                for p in group["params"]:
-                    local = self._local_of[p] = distributed.local_tensor(p)
-                    if not is_dense(local):
-                        raise ValueError(
-                            "parameters must be dense (contiguous or a permutation of contiguous, "
-                            f"such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
-                        )
-                    by_device.setdefault(local.device, []).append(p)
-            self._states = {
-                device: DeviceState([self._local_of[p] for p in params], with_momentum=self._uses_momentum)
-                for device, params in by_device.items()
-            }
-            for state, params in zip(self._states.values(), by_device.values(), strict=True):
-                self._adopt_state(state, params)
-            self._norm_groups = distributed.norm_groups(self._local_of, self.process_group)
-        return self._states
+    def _param_lists(self) -> list[list[Tensor]]:
+        return [group["params"] for group in self.param_groups]
 
-    def _adopt_state(self, state: DeviceState, params: list[Tensor]) -> None:
-        """Move momentum found in ``self.state`` into the flat buffers, then expose views.
+    def _sync_state(self, lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """Check the parameters and bring the flat state and ``self.state`` up to date.
 
-        ``params`` are the parameters themselves, whose local parts ``state`` holds.
+        Returns the parameters in order, their local parts and each one's group index.
         """
-        if state.momentum is None:
-            return
-        for slot, p in enumerate(params):
-            entry = self.state[p]
-            if "momentum" in entry:
-                state.momentum[slot].copy_(distributed.local_tensor(entry["momentum"]))
-                state.seeded[slot].copy_(torch.as_tensor(entry.get("momentum_seeded", 1.0)))
-            entry["momentum"] = distributed.like_param(state.momentum[slot], p)
-            entry["momentum_seeded"] = state.seeded[slot]
+        params, local_parts, group_of = [], [], []
+        for g, group_params in enumerate(lists):
+            for i, p in enumerate(group_params):
+                if not isinstance(p, Tensor) or not p.dtype.is_floating_point or p.is_complex():
+                    raise ValueError(
+                        f"parameter {i} of param group {g} must be a real floating-point tensor, "
+                        f"got {p.dtype if isinstance(p, Tensor) else type(p).__name__}"
+                    )
+                local = distributed.local_tensor(p)
+                if not is_dense(local):
+                    raise ValueError(
+                        f"parameter {i} of param group {g} must be dense (contiguous or a permutation of "
+                        f"contiguous, such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
+                    )
+                params.append(p)
+                local_parts.append(local)
+                group_of.append(g)
+        if not isinstance(self.state, ParamState):  # replaced by the user: honour its entries
+            self.state = ParamState(self.state)
+        if self._flat.sync(params, local_parts):
+            self._norm_groups = distributed.norm_groups(params, self.process_group)
+            self._plan_cache.clear()
+            self.state.dirty = True  # new slots: carry the momentum over from the entries
+        if self.state.dirty:
+            self.state.adopt(params, self._flat, self._describe)  # clears dirty once all succeeded
+        return params, local_parts, group_of
 
-    def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
-        """The fp32 ``[groups, 4]`` hyperparameter table on ``device``, copied only on change."""
-        key = tuple(hparams)
-        cached = self._tables.get(device)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        rows = torch.tensor([[float(v) for v in h] for h in hparams], dtype=torch.float32)
-        assert rows.shape[1] == COEF_COLUMNS
-        table = cached[1] if cached is not None else torch.empty_like(rows, device=device)
-        table.copy_(rows)
-        self._tables[device] = (key, table)
-        return table
+    def _replan(self, lists: list[list[Tensor]]) -> None:
+        """The full check of a step: state, participation, gradients, plans (slow path)."""
+        self._scan = None  # until this succeeds: a failed check must be repeated next step
+        params, local_parts, group_of = self._sync_state(lists)
+        pointers = tuple(local.data_ptr() for local in local_parts)
+        if pointers != self._param_ptrs:  # a new storage: plans that cached addresses are stale
+            self._plan_cache.clear()
+            self._param_ptrs = pointers
+        scan = make_scan(lists)
+        scan.scan(lists)
+        grads = scan.grads(range(len(params)))
+        self._step_plans = self._plans_for(params, local_parts, group_of, grads, traced=False)
+        self._scan = scan
 
-    def _check_grad(self, grad: Tensor) -> None:
-        if grad.layout != torch.strided:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients; use dense "
-                "gradients (e.g. nn.Embedding(sparse=False))"
-            )
-
-    def _step_plans(self, hparams: list[tuple]) -> list[tuple[ModuleType, DevicePlan]]:
-        states = self._device_states()
-        members: dict[tuple, tuple[list[int], list[int], list[Tensor]]] = {}
+    def _plans_for(
+        self,
+        params: list[Tensor],
+        local_parts: list[Tensor],
+        group_of: list[int],
+        grads: Sequence[Tensor | None],
+        *,
+        traced: bool,
+    ) -> Plans:
+        members: dict[tuple[torch.device, str], tuple[list[int], list[int], list[int]]] = {}
         chosen: dict[str, ModuleType] = {}
-        for group_index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                self._check_grad(grad)
-                grad, p = distributed.local_tensor(grad), self._local_of[p]
-                if grad.stride() != p.stride():
-                    grad = torch.empty_like(p).copy_(grad)
-                device_type = p.device.type
-                if device_type not in chosen:
-                    chosen[device_type] = backends.resolve(self.backend, device_type)
-                backend = chosen[device_type]
-                if not backend.supports(p.dtype):
-                    backend = backends.resolve("torch", device_type)
-                state = states[p.device]
-                slots, groups, grads = members.setdefault((p.device, backend.name), ([], [], []))
-                slots.append(state.slot_of[p])
-                groups.append(group_index)
-                grads.append(grad)
-        plans = []
-        for (device, backend_name), (slots, groups, grads) in members.items():
-            key = (device, backend_name, tuple(slots), tuple(groups))
-            if key not in self._plans:
-                self._plans[key] = (
-                    backends.resolve(backend_name, device.type),
-                    build_plan(states[device], slots, groups, self.eps),
+        for position, (p, local, grad) in enumerate(zip(params, local_parts, grads)):
+            if grad is None:
+                continue
+            if grad.layout != torch.strided:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients ({self._describe(p)}); "
+                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
                 )
-            backend, plan = self._plans[key]
-            plan.grads = grads
-            plan.group_hparams = hparams
-            refresh_coefficients(plan, self._group_table(device, hparams))
-            plans.append((backend, plan))
+            device_type = local.device.type
+            if device_type not in chosen:
+                chosen[device_type] = backends.resolve(self.backend, device_type)
+            backend = chosen[device_type]
+            if not backend.supports(local.dtype):
+                backend = backends.resolve("torch", device_type)
+            _, slot = self._flat.slots[position]
+            slots, groups, positions = members.setdefault((local.device, backend.name), ([], [], []))
+            slots.append(slot)
+            groups.append(group_of[position])
+            positions.append(position)
+        plans = []
+        for (device, backend_name), (slots, groups, positions) in members.items():
+            key = (device, backend_name, tuple(positions))
+            plan = self._plan_cache.peek(key) if traced else self._plan_cache.get(key)
+            if plan is None:
+                plan = build_plan(self._flat.devices[device], slots, groups, positions, traced=traced)
+                self._plan_cache.put(key, plan)
+            plans.append((backends.resolve(backend_name, device.type), plan))
         return plans
 
+    def _traced_plans(self) -> tuple[Plans, list[list[Tensor]]]:
+        """Plans and gradients inside ``torch.compile``: the flat state comes from an eager step."""
+        if not self._flat.slots:
+            raise RuntimeError("run one eager first_step/second_step before calling a compiled first_step")
+        params, local_parts, group_of, grads = [], [], [], []
+        for g, group in enumerate(self._groups_ref.groups):
+            for p in group["params"]:
+                local = distributed.local_tensor(p)
+                grad = p.grad
+                if grad is not None:
+                    grad = distributed.local_tensor(grad)
+                    if grad.stride() != local.stride():
+                        grad = torch.empty_like(local).copy_(grad)
+                params.append(p)
+                local_parts.append(local)
+                group_of.append(g)
+                grads.append(grad)
+        if len(params) != len(self._flat.params) or any(
+            p is not q for p, q in zip(params, self._flat.params)
+        ):
+            raise RuntimeError(
+                "the parameters changed since the last eager step; run one eager first_step/second_step "
+                "before calling the compiled first_step again"
+            )
+        plans = self._plans_for(params, local_parts, group_of, grads, traced=True)
+        return plans, [[grads[i] for i in plan.positions] for _, plan in plans]
+
+    def _table(self, device: torch.device) -> GroupTable:
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = GroupTable(device, self._group_rows)
+        return table
+
     def sync_hyperparameters(self) -> None:
-        """Copy the param groups' ``rho``/``sigma``/``lmbda`` to the device tables now.
+        """Copy the param groups' ``rho``/``sigma``/``lmbda``/``adaptive`` to the device tables now.
 
         ``first_step`` does this itself. Call it when replaying a captured CUDA graph, after
-        changing one of them: a replay runs no Python. (``adaptive`` decides which kernels
-        run, so changing it needs a new capture.)
+        changing one of them: a replay runs no Python.
         """
-        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
-        for device in self._device_states():
-            self._group_table(device, hparams)
+        rows = self._group_rows()
+        if not self._flat.devices:
+            self._sync_state(self._param_lists())
+        for device in self._flat.devices:
+            self._table(device).refresh(rows)
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -305,59 +393,57 @@ class FriendlySAM(torch.optim.Optimizer):
         if self._pending.perturbed:
             raise RuntimeError(
                 "first_step() was called twice without second_step(); the order is "
-                "first_step(), a second forward/backward, then second_step()"
+                "first_step(), a second forward/backward, then second_step() (or abort_step() "
+                "to put the parameters back after a failed second pass)"
             )
-        main = self._main_device()
-        hparams = [self._hparams(i, g) for i, g in enumerate(self.param_groups)]
-        inv_scale = amp.inverse_scale(grad_scaler) if grad_scaler is not None else None
-        if self.backend == backends.REFERENCE:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._check_grad(p.grad)
-            if grad_scaler is not None:
-                self._reference_saved_momentum = {
-                    p: self.state[p]["momentum"].clone() if "momentum" in self.state[p] else None
-                    for group in self.param_groups
-                    for p in group["params"]
-                }
-            skipped = reference.first_step(
-                self.param_groups,
-                self.state,
-                self._reference_backups,
-                eps=self.eps,
-                with_momentum=self._uses_momentum,
-                inv_scale=inv_scale,
-            )
-            found_inf = torch.tensor(float(skipped), device=main)
-            self._pending.plans = []
+        inv_scale = None
+        if grad_scaler is not None:
+            amp.check_first_pass_scaled(grad_scaler, self)
+            inv_scale = amp.inverse_scale(grad_scaler)
+        if torch.compiler.is_compiling():
+            # No group value is read in traced code (see GroupTable.refresh), except
+            # ``adaptive``, which decides the ops of the torch backend.
+            rows, adaptive = None, [group["adaptive"] for group in self._groups_ref.groups]
+            plans, traced_grads = self._traced_plans()
+            source = None
         else:
-            plans = self._step_plans(hparams)
-            if grad_scaler is not None:
-                for state in self._device_states().values():
-                    state.save_momentum()
-            total = torch.zeros((), dtype=torch.float32, device=main)
-            for backend, plan in plans:
-                plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
-                total = total + backend.sq_norm(plan).to(main)
-            total = self._reduce_sq_norm(total)
-            step_ok = torch.isfinite(total)
-            for backend, plan in plans:
-                backend.perturb_(plan, total.to(plan.device))
-                mark_seeded(plan, step_ok.to(device=plan.device, dtype=torch.float32))
-            found_inf = (~step_ok).float()
-            self._pending.plans = plans
-        self._pending.found_inf = found_inf
-        self._pending.perturbed = True
-        if zero_grad:
-            self.zero_grad()
-
-    def _reduce_sq_norm(self, total: Tensor) -> Tensor:
-        """The squared norm over all devices of this process, summed over sharding ranks."""
+            rows = self._group_rows()
+            adaptive = tuple(bool(row[ADAPTIVE]) for row in rows)
+            lists = self._param_lists()
+            if (
+                self._scan is None
+                or self.state is not getattr(self, "_bound_state", None)
+                or self.state.dirty
+            ):
+                self._replan(lists)
+            elif self._scan.scan(lists):
+                self._replan(lists)
+            self._bound_state = self.state
+            plans, traced_grads, source = self._step_plans, None, self._scan
+        if grad_scaler is not None:
+            for state in self._flat.devices.values():
+                state.save_momentum()
+        main = self._main_device()
+        total = torch.zeros((), dtype=torch.float32, device=main)
+        for index, (backend, plan) in enumerate(plans):
+            plan.attach(source, self._table(plan.device).refresh(rows), rows or (), adaptive, self.eps)
+            if traced_grads is not None:
+                plan.grads = traced_grads[index]
+            plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
+            total = total + backend.sq_norm(plan).to(main)
         total = distributed.all_reduce_sum_(total, self._norm_groups)
         if self.replica_group is not None:
             total = distributed.nonfinite_if_any_rank(total, self.replica_group)
-        return total
+        step_ok = torch.isfinite(total)
+        for backend, plan in plans:
+            backend.perturb_(plan, total.to(plan.device))
+            plan.mark_seeded(step_ok.to(device=plan.device, dtype=torch.float32))
+            plan.release()
+        if source is not None:
+            source.release()
+        self._pending.start((~step_ok).float(), plans, momentum_saved=grad_scaler is not None)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def second_step(
@@ -375,41 +461,47 @@ class FriendlySAM(torch.optim.Optimizer):
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
             )
-        if self.backend == backends.REFERENCE:
-            reference.restore(self._reference_backups)
-        else:
-            for backend, plan in self._pending.plans:
-                backend.restore_(plan)
+        for backend, plan in self._pending.plans:
+            backend.restore_(plan)
         found_inf = self._pending.found_inf
         if grad_scaler is not None and grad_scaler.is_enabled():
             found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
-            self._rollback_momentum(found_inf)
+            for device, state in self._flat.devices.items():
+                state.rollback_momentum(found_inf.to(device))
         self._base_step(found_inf)
         self._skipped += found_inf.to(self._skipped.device)
-        self._pending.perturbed = False
+        self._pending.finish()
         # LR schedulers attached to this optimizer check this flag to confirm that a step
         # ran before theirs; second_step is where our step completes.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
-    def _rollback_momentum(self, found_inf: Tensor) -> None:
-        """Undo this step's momentum update where the second pass overflowed."""
-        if self.backend == backends.REFERENCE:
-            if bool(found_inf):  # the reference loop may read back; it is the oracle
-                for p, saved in self._reference_saved_momentum.items():
-                    if saved is None:
-                        self.state[p].pop("momentum", None)
-                    else:
-                        self.state[p]["momentum"] = saved
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Undo a :meth:`first_step` whose second pass failed: put the parameters back, bit for bit.
+
+        The optimizer is then ready for a new ``first_step``. The momentum keeps this step's
+        EMA update unless the step ran with a ``grad_scaler`` (then it is taken back too);
+        the base optimizer does not step. Does nothing outside a step.
+        """
+        pending = self._pending
+        if not pending.perturbed:
             return
-        for device, state in self._device_states().items():
-            state.rollback_momentum(found_inf.to(device))
+        for backend, plan in pending.plans:
+            backend.restore_(plan)
+        if pending.momentum_saved:
+            for device, state in self._flat.devices.items():
+                state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
+        pending.finish()
 
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
         flag = self._base_found_inf
-        if flag is not None:
+        # Until the base optimizer has taken one step, its state does not exist yet, and a
+        # fused base optimizer told to skip its first step leaves the state it creates
+        # uninitialised (torch's fused SGD does): so the first steps are decided on the host.
+        if flag is not None and self._base_stepped:
             if getattr(base, "found_inf", None) is not flag:
                 base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
             flag.copy_(found_inf)
@@ -419,12 +511,15 @@ class FriendlySAM(torch.optim.Optimizer):
                 flag.zero_()  # a direct base_optimizer.step() later is not skipped
         elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
             base.step()
+            self._base_stepped = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
 
         Call it after the first forward/backward, as with the authors' optimizer; the
-        closure runs with gradients enabled and its return value is returned.
+        closure runs with gradients enabled and its return value is returned. If the
+        closure raises, the parameters are put back (:meth:`abort_step`) before the
+        exception propagates.
         """
         if closure is None:
             raise TypeError(
@@ -432,10 +527,21 @@ class FriendlySAM(torch.optim.Optimizer):
                 "backward pass at the perturbed point; or call first_step() and second_step()"
             )
         self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            loss = closure()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.abort_step()
+            raise
         self.second_step()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of every parameter (to None by default), in one C++ loop when built."""
+        if set_to_none and _zero_grads_compiled is not None and not torch.compiler.is_compiling():
+            _zero_grads_compiled(self._param_lists())
+        else:
+            super().zero_grad(set_to_none)
 
     @property
     def skipped_steps(self) -> int:
@@ -445,9 +551,15 @@ class FriendlySAM(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Our state (``momentum`` per parameter), the param groups, and the base optimizer's state."""
+        if self._flat.location and not self._pending.perturbed:
+            self._sync_state(self._param_lists())  # edits of optimizer.state since the last step
         state_dict = super().state_dict()
+        state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
-        state_dict["fsam_fused"] = {"skipped_steps": self._skipped.clone()}
+        state_dict["fsam_fused"] = {
+            "skipped_steps": self._skipped.clone(),
+            "base_stepped": self._base_stepped,
+        }
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -469,17 +581,14 @@ class FriendlySAM(torch.optim.Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError("state_dict param groups do not match this optimizer's in size")
             id_to_param.update(zip(saved["params"], group["params"]))
-        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        new_state = ParamState()
         for key, entry in state_dict["state"].items():
             p = id_to_param[key]
-            if not (self._uses_momentum and "momentum" in entry):
-                continue
-            seeded = torch.as_tensor(entry.get("momentum_seeded", 1.0)).float().clone()
-            if self.backend == backends.REFERENCE and not bool(seeded):
-                continue  # the reference loop keeps momentum only once it is seeded
-            new_state[p]["momentum"] = entry["momentum"].to(device=p.device, dtype=torch.float32, copy=True)
-            if self.backend != backends.REFERENCE:
-                new_state[p]["momentum_seeded"] = seeded
+            if self._uses_momentum and "momentum" in entry:
+                new_state[p] = {
+                    "momentum": entry["momentum"].to(device=p.device, dtype=torch.float32, copy=True),
+                    "momentum_seeded": torch.as_tensor(entry.get("momentum_seeded", 1.0)).float().clone(),
+                }
         if "base_optimizer" in state_dict:
             self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
             self.param_groups = self.base_optimizer.param_groups
@@ -490,9 +599,37 @@ class FriendlySAM(torch.optim.Optimizer):
         self._skipped = (
             torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
         )
-        self._invalidate()
-        if self.backend != backends.REFERENCE:
-            self._device_states()
+        self._base_stepped = bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0))
+        self._reset_step_cache()
+        self._sync_state(self._param_lists())
+
+    # -------------------------------------------------------- copy and pickle
+    _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "_backend", "_skipped", "_base_found_inf",
+                "_base_stepped", "_base_built")  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._pending.perturbed:
+            raise RuntimeError(
+                "an optimizer between first_step() and second_step() cannot be copied or pickled; "
+                "do it after second_step()"
+            )
+        if self.process_group is not None or self.replica_group is not None:
+            raise TypeError(
+                "an optimizer with a process_group or replica_group cannot be copied or pickled "
+                "(process groups cannot); save optimizer.state_dict() instead"
+            )
+        state = {key: self.__dict__[key] for key in self._PICKLED}
+        state["state"] = {p: dict(entry) for p, entry in self.state.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        entries = state.pop("state")
+        super().__setstate__(state)
+        self.process_group = self.replica_group = None
+        self.state = ParamState(entries)
+        if self._base_found_inf is not None:
+            self.base_optimizer.found_inf = self._base_found_inf
+        self._reset_step_cache()
 
 
 class SAM(FriendlySAM):
@@ -530,7 +667,3 @@ class SAM(FriendlySAM):
             replica_group=replica_group,
             **base_optimizer_kwargs,
         )
-
-    def _hparams(self, index: int, group: dict[str, Any]) -> tuple[float, float, float, bool]:
-        rho, _, _, adaptive = super()._hparams(index, group)
-        return rho, 0.0, 0.0, adaptive

@@ -1,30 +1,40 @@
 """Step plans: what one backend computes on one device in one step.
 
 A plan lists the parameters that take part in a step (those with a gradient), in a
-fixed order, with views of their momentum and backup slices and the per-tensor
-metadata the kernels need. The optimizer caches plans by participation and refreshes
-only what changes every step (the gradient tensors and the coefficient table), so a
-backend never walks ``param_groups`` itself.
+fixed order, with views of their momentum and backup slots and the per-tensor metadata
+the kernels need. The optimizer keeps the plans of the last few participation patterns in a
+:class:`PlanCache` and, while nothing changes between steps, reuses the same plans with only
+the gradients and the coefficient table refreshed, so a backend never walks
+``param_groups`` itself.
 
-Coefficient table ``coef`` (fp32, one row per tensor, on the plan's device):
-``rho``, ``sigma``, ``lmbda`` and ``adaptive`` (0 or 1) of the tensor's group, with
-``lmbda`` already set to 0 for tensors whose momentum is not seeded yet. With the
-momentum of an unseeded tensor kept at zero, the one formula of DESIGN.md section 1
+Coefficient table ``coef`` (fp32, one row per tensor, on the plan's device): the tensor's
+group's row of the group table (:mod:`fsam_fused.hparams`: ``rho``, ``sigma``, ``lmbda``,
+``adaptive``), with ``lmbda`` set to 0 for tensors whose momentum is not seeded yet. With
+the momentum of an unseeded tensor kept at zero, the one formula of DESIGN.md section 1
 then covers the first step as well: ``d = g - sigma * 0 = g`` and ``m <- 0 * m + g``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .hparams import ADAPTIVE, COEF_COLUMNS, LMBDA, RHO, SIGMA, Row
+from .scan import Scan
 from .state import DeviceState
+from .upload import Staging
 
-RHO, SIGMA, LMBDA, ADAPTIVE = range(4)
-COEF_COLUMNS = 4
+__all__ = ["ADAPTIVE", "COEF_COLUMNS", "LMBDA", "RHO", "SIGMA", "DevicePlan", "PlanCache", "build_plan"]
+
+# Plans kept for reuse. Each holds per-tensor lists and small device tables (no model-sized
+# buffer: the torch backend's work buffer is shared per device), so a bounded number keeps
+# memory flat however the set of parameters with gradients changes from step to step.
+MAX_CACHED_PLANS = 8
 
 
 @dataclass(eq=False)
@@ -32,15 +42,21 @@ class DevicePlan:
     """The tensors of one device that one backend updates in one step.
 
     Attributes that backends read:
-      params, grads, momentum (None when the optimizer keeps no momentum), backup:
-        equally long lists, position ``i`` describing one parameter; momentum and
-        backup views have the parameter's shape and strides, grads too.
-      coef: fp32 ``[n, 4]`` device tensor (see module docstring), refreshed every step.
-      group_positions: ``(group_index, positions)`` pairs, for backends that work per group.
-      group_hparams: host copies of each group's ``(rho, sigma, lmbda, adaptive)``.
+      params, momentum (None when the optimizer keeps no momentum), backup: equally long
+        lists, position ``i`` describing one parameter; momentum and backup views have the
+        parameter's shape and strides.
+      grad_list(): this step's gradients, laid out like the parameters (valid between the
+        optimizer's attach and release, i.e. inside ``first_step``).
+      positions: each tensor's index in the optimizer's parameter order (the scan's order).
+      slot_list, group_list: host copies of ``slots`` and ``group_of``.
+      coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step.
+      group_positions: ``(group_index, positions in this plan)`` pairs, for backends that work per group.
+      group_rows: host copies of each group's table row (empty inside ``torch.compile``).
+      group_adaptive: each group's ``adaptive`` flag, which decides the ops of some backends.
       eps: the constant added to the norm.
       inv_scale: optional fp32 0-dim device tensor multiplied into every gradient
         element as it is read (an inverse loss scale), or None.
+      source: the scan that holds this step's gradients (None outside ``first_step``).
       cache: backend-private data that lives as long as the plan (buffers, pointer
         tables); backends key it by their own name.
     """
@@ -49,51 +65,122 @@ class DevicePlan:
     state: DeviceState
     params: list[Tensor]
     momentum: list[Tensor] | None
-    backup: list[Tensor]
     slots: Tensor
     group_of: Tensor
+    positions: list[int]
     group_positions: list[tuple[int, list[int]]]
-    eps: float
-    grads: list[Tensor] = field(default_factory=list)
+    slot_list: list[int]
+    group_list: list[int]
     coef: Tensor | None = None
-    group_hparams: list[tuple[float, float, float, bool]] = field(default_factory=list)
+    group_rows: Sequence[Row] = ()
+    group_adaptive: Sequence[bool] = ()
+    eps: float = 1e-12
     inv_scale: Tensor | None = None
+    source: Scan | None = None
+    grads: list[Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.params)
 
+    @property
+    def backup(self) -> list[Tensor]:
+        """Per-tensor backup views, in the parameters' dtypes (allocated on first use)."""
+        cached = self.cache.get("backup")
+        if cached is None:
+            all_backups = self.state.backup
+            cached = self.cache["backup"] = [all_backups[s] for s in self.slot_list]
+        return cached
 
-def build_plan(state: DeviceState, slots: list[int], group_of: list[int], eps: float) -> DevicePlan:
-    """A plan over the parameters of ``state`` at ``slots``, each in group ``group_of[i]``."""
-    params = [state.params[s] for s in slots]
-    positions: dict[int, list[int]] = {}
+    def grad_list(self) -> list[Tensor]:
+        """This step's gradients of the plan's tensors, in plan order."""
+        if self.grads is None:
+            assert self.source is not None, "gradients are only available inside first_step"
+            self.grads = self.source.grads(self.positions)
+        return self.grads
+
+    def attach(
+        self,
+        source: Scan | None,
+        group_table: Tensor,
+        group_rows: Sequence[Row],
+        group_adaptive: Sequence[bool],
+        eps: float,
+    ) -> None:
+        """Hand the plan this step's gradients (held by ``source``) and coefficients (no host sync)."""
+        self.source, self.grads = source, None
+        self.group_rows, self.group_adaptive, self.eps = group_rows, group_adaptive, eps
+        coef = group_table.index_select(0, self.group_of)
+        coef[:, LMBDA] *= self.state.seeded.index_select(0, self.slots)
+        self.coef = coef
+
+    def release(self) -> None:
+        """Forget this step's gradients."""
+        self.source, self.grads = None, None
+
+    def mark_seeded(self, step_ok: Tensor) -> None:
+        """Record on the device that a finite step seeded the momentum of the plan's tensors."""
+        seeded = self.state.seeded
+        seeded.index_copy_(0, self.slots, torch.maximum(seeded.index_select(0, self.slots), step_ok))
+
+
+def build_plan(
+    state: DeviceState, slots: list[int], group_of: list[int], positions: list[int], *, traced: bool = False
+) -> DevicePlan:
+    """A plan over the tensors of ``state`` at ``slots``, each in group ``group_of[i]``.
+
+    The index tables are uploaded without a host sync, through staging buffers that the
+    plan keeps; ``traced`` (inside ``torch.compile``) builds them with plain tensor ops.
+    """
+    by_group: dict[int, list[int]] = {}
     for i, g in enumerate(group_of):
-        positions.setdefault(g, []).append(i)
+        by_group.setdefault(g, []).append(i)
+    cache: dict[str, Any] = {}
+    if traced:
+        slots_t, group_t = (torch.tensor(v, dtype=torch.int64).to(state.device) for v in (slots, group_of))
+    else:
+        staging = cache["staging"] = (Staging(), Staging())
+        slots_t, group_t = (
+            s.new_tensor(v, torch.int64, state.device) for s, v in zip(staging, (slots, group_of))
+        )
     return DevicePlan(
         device=state.device,
         state=state,
-        params=params,
+        params=[state.params[s] for s in slots],
         momentum=[state.momentum[s] for s in slots] if state.momentum is not None else None,
-        backup=[state.backup[s] for s in slots],
-        slots=torch.tensor(slots, dtype=torch.int64, device=state.device),
-        group_of=torch.tensor(group_of, dtype=torch.int64, device=state.device),
-        group_positions=sorted(positions.items()),
-        eps=eps,
+        slots=slots_t,
+        group_of=group_t,
+        positions=positions,
+        group_positions=sorted(by_group.items()),
+        slot_list=slots,
+        group_list=group_of,
+        cache=cache,
     )
 
 
-def refresh_coefficients(plan: DevicePlan, group_table: Tensor) -> None:
-    """Set ``plan.coef`` from the device's group table and the seeded flags.
+class PlanCache:
+    """The plans of the last :data:`MAX_CACHED_PLANS` participation patterns, least recently used out."""
 
-    Runs on the device (two gathers and a multiply); nothing is read back.
-    """
-    coef = group_table.index_select(0, plan.group_of)
-    coef[:, LMBDA] *= plan.state.seeded.index_select(0, plan.slots)
-    plan.coef = coef
+    def __init__(self) -> None:
+        self._plans: OrderedDict[tuple, DevicePlan] = OrderedDict()
 
+    def get(self, key: tuple) -> DevicePlan | None:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
 
-def mark_seeded(plan: DevicePlan, step_ok: Tensor) -> None:
-    """Record on the device that a finite step seeded the momentum of the plan's tensors."""
-    seeded = plan.state.seeded
-    seeded.index_copy_(0, plan.slots, torch.maximum(seeded.index_select(0, plan.slots), step_ok))
+    def peek(self, key: tuple) -> DevicePlan | None:
+        """The plan for ``key`` without marking it used (no reordering: safe to trace)."""
+        return self._plans.get(key)
+
+    def put(self, key: tuple, plan: DevicePlan) -> None:
+        self._plans[key] = plan
+        while len(self._plans) > MAX_CACHED_PLANS:
+            self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)

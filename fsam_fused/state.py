@@ -10,6 +10,12 @@ Each slot starts on a :data:`SLOT_ALIGNMENT`-byte boundary: the CUDA and Triton 
 read a tensor with 16-byte vector loads only when every address they touch is aligned,
 so one odd-sized parameter (a 10-class bias) must not push every later slot off the
 boundary and onto the scalar path.
+
+The buffers are laid out for the parameters as they were when the state was built
+(:func:`layout_of`: device, dtype, shape, strides). :class:`FlatState` rebuilds a device's
+state when one of its parameters no longer matches (``model.half()``, a layout change,
+``p.data = ...`` of another dtype), and the momentum carries over through the
+per-parameter views (see :mod:`fsam_fused.param_state`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+Layout = tuple[torch.device, torch.dtype, tuple[int, ...], tuple[int, ...]]
+
+
+def layout_of(t: Tensor) -> Layout:
+    """What the flat buffers of ``t``'s slot depend on: device, dtype, shape and strides."""
+    return (t.device, t.dtype, tuple(t.shape), t.stride())
+
+
 SLOT_ALIGNMENT = 16
 
 
@@ -60,18 +74,20 @@ def view_like(flat: Tensor, offset: int, like: Tensor) -> Tensor:
 
 
 class DeviceState:
-    """Flat state buffers for the parameters of one device.
+    """Flat state buffers for the (local parts of the) parameters of one device.
 
     ``momentum`` is fp32 and zero until a parameter's first finite step seeds it;
     ``seeded`` holds one fp32 flag (0 or 1) per slot, kept on the device so that a
     skipped (non-finite) step can leave a parameter unseeded without a host sync.
+    The backup buffers are allocated on first use (the reference backend keeps its own
+    copies), and so is the shared fp32 scratch of the torch backend.
     """
 
     def __init__(self, params: list[Tensor], *, with_momentum: bool) -> None:
         assert params, "a DeviceState needs at least one parameter"
         self.device = params[0].device
         self.params = params
-        self.slot_of = {p: i for i, p in enumerate(params)}
+        self.layouts = [layout_of(p) for p in params]
         momentum_offsets, momentum_numel = slot_offsets([p.numel() for p in params], 4)
         self.momentum_flat = (
             torch.zeros(momentum_numel, dtype=torch.float32, device=self.device) if with_momentum else None
@@ -82,15 +98,43 @@ class DeviceState:
             if self.momentum_flat is not None
             else None
         )
-        # The backup is kept in each parameter's own dtype so that restoring is a copy.
+        self._backup: list[Tensor] | None = None
         self.backup_flat: dict[torch.dtype, Tensor] = {}
-        backup_offsets: dict[Tensor, int] = {}
-        for dtype in dict.fromkeys(p.dtype for p in params):
-            same = [p for p in params if p.dtype == dtype]
-            offsets, numel = slot_offsets([p.numel() for p in same], same[0].element_size())
-            self.backup_flat[dtype] = torch.empty(numel, dtype=dtype, device=self.device)
-            backup_offsets.update(zip(same, offsets))
-        self.backup = [view_like(self.backup_flat[p.dtype], backup_offsets[p], p) for p in params]
+        self._scratch: Tensor | None = None
+
+    @property
+    def backup(self) -> list[Tensor]:
+        """Per-parameter backup views, in each parameter's own dtype so that restoring is a copy."""
+        if self._backup is None:
+            offsets: dict[Tensor, int] = {}
+            for dtype in dict.fromkeys(p.dtype for p in self.params):
+                same = [p for p in self.params if p.dtype == dtype]
+                slots, numel = slot_offsets([p.numel() for p in same], same[0].element_size())
+                self.backup_flat[dtype] = torch.empty(numel, dtype=dtype, device=self.device)
+                offsets.update(zip(same, slots))
+            self._backup = [view_like(self.backup_flat[p.dtype], offsets[p], p) for p in self.params]
+        return self._backup
+
+    def scratch(self, numel: int) -> Tensor:
+        """A flat fp32 work buffer of at least ``numel`` elements, shared by every plan of this
+        device (only one plan per backend runs at a time), grown to the largest plan once."""
+        if self._scratch is None or self._scratch.numel() < numel:
+            total = sum(p.numel() for p in self.params)
+            self._scratch = torch.empty(max(numel, total), dtype=torch.float32, device=self.device)
+        return self._scratch
+
+    def matches(self, params: list[Tensor]) -> bool:
+        """Whether this state was built for exactly ``params``, as they are laid out now.
+
+        A plain parameter is its own local part, so a new storage of the same layout
+        (``p.data = p.data.clone()``) still matches: the kernels reach it through ``p``. The
+        local part of a DTensor is a new view at every call, which matches while it shares
+        the recorded view's memory.
+        """
+        return len(params) == len(self.params) and all(
+            (p is q or p.data_ptr() == q.data_ptr()) and layout_of(p) == layout
+            for p, q, layout in zip(params, self.params, self.layouts)
+        )
 
     def save_momentum(self) -> None:
         """Remember momentum and seeded flags, so a step can be taken back (see ``rollback_momentum``)."""
@@ -112,3 +156,59 @@ class DeviceState:
             return
         self.momentum_flat.lerp_(self._saved_momentum, flag)
         self.seeded.lerp_(self._saved_seeded, flag)
+
+
+class FlatState:
+    """The device states of one optimizer, kept in step with its parameters.
+
+    Args:
+        with_momentum: False for SAM, which keeps no momentum.
+    """
+
+    def __init__(self, *, with_momentum: bool) -> None:
+        self.with_momentum = with_momentum
+        self.devices: dict[torch.device, DeviceState] = {}
+        self.location: dict[Tensor, tuple[DeviceState, int]] = {}
+        # The same, by position in the optimizer's parameter order: traced code (torch.compile)
+        # looks slots up here, since a dict keyed by tensors makes its guards fragile.
+        self.slots: list[tuple[torch.device, int]] = []
+        self.params: list[Tensor] = []
+
+    def sync(self, params: list[Tensor], local_parts: list[Tensor]) -> bool:
+        """Rebuild the device states that no longer fit ``params`` (whose local parts are
+        ``local_parts``): a parameter added, removed, moved to another device, or of another
+        dtype, shape or memory layout. Returns True when anything was rebuilt; the caller then
+        carries the momentum over (:meth:`ParamState.adopt`).
+        """
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for local in local_parts:
+            by_device.setdefault(local.device, []).append(local)
+        rebuilt = set(by_device) != set(self.devices)
+        devices = {}
+        for device, locals_ in by_device.items():
+            state = self.devices.get(device)
+            if state is None or not state.matches(locals_):
+                state = DeviceState(locals_, with_momentum=self.with_momentum)
+                rebuilt = True
+            devices[device] = state
+        if rebuilt or len(self.location) != len(params):
+            self.devices = devices
+            self.location = {}
+            self.slots = []
+            self.params = list(params)
+            next_slot = dict.fromkeys(devices, 0)
+            for p, local in zip(params, local_parts):
+                self.location[p] = (devices[local.device], next_slot[local.device])
+                self.slots.append((local.device, next_slot[local.device]))
+                next_slot[local.device] += 1
+        return rebuilt
+
+    def momentum(self, p: Tensor) -> Tensor | None:
+        """The momentum view of parameter ``p``'s slot (of its local part), or None for SAM."""
+        state, slot = self.location[p]
+        return state.momentum[slot] if state.momentum is not None else None
+
+    def seeded(self, p: Tensor) -> Tensor:
+        """The 0-dim view of ``p``'s seeded flag."""
+        state, slot = self.location[p]
+        return state.seeded[slot]

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tensor_table import upload
+from ..upload import Staging
 
 # Elements per program. Large enough that the per-program set-up (three dependent
 # loads before the first data load) is small next to the streaming, small enough that
@@ -32,12 +32,12 @@ def chunk_entries(numels: list[int], indices: list[int], chunk: int = CHUNK) -> 
     return entries
 
 
-def build_block_map(numels: list[int], indices: list[int], device: torch.device) -> Tensor:
-    """The int64 ``[chunks, 3]`` map of the tensors at ``indices`` on ``device``."""
+def build_block_map(numels: list[int], indices: list[int], device: torch.device, staging: Staging) -> Tensor:
+    """The int64 ``[chunks, 3]`` map of the tensors at ``indices`` on ``device`` (via ``staging``)."""
     entries = chunk_entries(numels, indices)
     block_map = torch.empty((len(entries), ENTRY), dtype=torch.int64, device=device)
     if entries:
-        upload(entries, block_map)
+        staging.upload(entries, block_map)
     return block_map
 
 

@@ -14,17 +14,10 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..upload import Staging, capturing
 from .block_map import build_block_map
 from .common import ELEMENT_TYPES
-from .tensor_table import GRAD, addresses, build_table, upload
-
-
-def capturing(device: torch.device) -> bool:
-    """Whether ``device``'s current stream is being recorded into a CUDA graph right now."""
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
+from .tensor_table import GRAD, addresses, build_table
 
 
 @dataclass(frozen=True)
@@ -54,10 +47,11 @@ class PlanArrays:
         device = params[0].device
         self.n = len(params)
         self.has_momentum = momentum is not None
-        self.table = build_table(params, grads, momentum, backup)
+        # Each device table keeps the pinned buffer it is uploaded from (see fsam_fused.upload).
+        self._stagings = [Staging(), Staging()]
+        self.table = build_table(params, grads, momentum, backup, self._stagings[0])
         self._grad_addresses = addresses(grads)
         self._captured = capturing(device)
-        self._checked_grads = grads
         numels = [p.numel() for p in params]
         by_type: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
@@ -65,7 +59,8 @@ class PlanArrays:
         self.segments: list[Segment] = []
         offset = 0
         for dtype, indices in by_type.items():
-            block_map = build_block_map(numels, indices, device)
+            self._stagings.append(Staging())
+            block_map = build_block_map(numels, indices, device, self._stagings[-1])
             chunks = block_map.shape[0]
             if chunks:
                 self.segments.append(Segment(ELEMENT_TYPES[dtype], block_map, slice(offset, offset + chunks)))
@@ -75,17 +70,14 @@ class PlanArrays:
     def use_grads(self, grads: list[Tensor]) -> None:
         """Point the table at ``grads``; uploads only when an address changed.
 
-        The optimizer hands each step's gradients over as a new list and both ops of the
-        step receive that same list, so the second call of a step costs nothing.
+        Only addresses are kept, never the tensors: the optimizer holds no gradient after
+        the step that used it.
         """
-        if grads is self._checked_grads:
-            return
-        self._checked_grads = grads
         current = addresses(grads)
         # Once a step was recorded into a CUDA graph, each replay writes the recorded
         # addresses into the table behind the host's back, so from then on every eager
         # step uploads its own rather than trusting the host's record.
         self._captured = self._captured or capturing(self.table.device)
         if self._captured or current != self._grad_addresses:
-            upload(current, self.table[GRAD.value])
+            self._stagings[1].upload(current, self.table[GRAD.value])
             self._grad_addresses = current

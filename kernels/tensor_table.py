@@ -14,20 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..upload import Staging
+
 PARAM, GRAD, MOMENTUM, BACKUP = (tl.constexpr(row) for row in range(4))
 ROWS = 4
-
-
-def upload(values: list[int] | list[list[int]], out: Tensor) -> None:
-    """Copy host integers into the int64 device tensor ``out`` without making the host wait.
-
-    A CUDA copy from pageable memory synchronises; from a freshly pinned buffer it is
-    asynchronous, and the caching host allocator keeps that buffer until the copy is done.
-    """
-    host = torch.tensor(values, dtype=torch.int64)
-    if out.device.type == "cuda":
-        host = host.pin_memory()
-    out.copy_(host.view_as(out), non_blocking=True)
 
 
 def addresses(tensors: list[Tensor]) -> list[int]:
@@ -36,9 +26,14 @@ def addresses(tensors: list[Tensor]) -> list[int]:
 
 
 def build_table(
-    params: list[Tensor], grads: list[Tensor], momentum: list[Tensor] | None, backup: list[Tensor]
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum: list[Tensor] | None,
+    backup: list[Tensor],
+    staging: Staging,
 ) -> Tensor:
-    """The table for one plan; the momentum row is 0 where the optimizer keeps none."""
+    """The table for one plan (uploaded through ``staging``); the momentum row is 0 where the
+    optimizer keeps none."""
     rows = [
         addresses(params),
         addresses(grads),
@@ -46,7 +41,7 @@ def build_table(
         addresses(backup),
     ]
     table = torch.empty((ROWS, len(params)), dtype=torch.int64, device=params[0].device)
-    upload(rows, table)
+    staging.upload(rows, table)
     return table
 
 

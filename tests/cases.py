@@ -123,9 +123,30 @@ def build_optimizer(case: Case, params: list[Tensor], backend: str, base=torch.o
 
 def poison_backups(opt: FriendlySAM) -> None:
     """Fill the optimizer's backup buffers with NaN so that unwritten elements show."""
-    for state in (opt._states or {}).values():
+    opt._sync_state(opt._param_lists())
+    for state in opt._flat.devices.values():
+        assert state.backup  # allocates the buffers
         for flat in state.backup_flat.values():
             flat.fill_(math.nan)
+
+
+def random_step(opt: FriendlySAM, params: list[Tensor], gen: torch.Generator) -> None:
+    """One first_step/second_step with fresh random gradients for ``params`` drawn from ``gen``."""
+    for half in (opt.first_step, opt.second_step):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        half(zero_grad=True)
+
+
+def attached_plans(opt: FriendlySAM) -> list:
+    """The (backend, plan) pairs of the step the current gradients make, ready for the backend ops
+    (what first_step does before it calls them)."""
+    opt._replan(opt._param_lists())
+    rows = opt._group_rows()
+    adaptive = [bool(row[3]) for row in rows]
+    for _, plan in opt._step_plans:
+        plan.attach(opt._scan, opt._table(plan.device).refresh(rows), rows, adaptive, opt.eps)
+    return opt._step_plans
 
 
 @dataclass
@@ -153,9 +174,7 @@ def run(
     for step in range(steps):
         for p, grad in zip(params, step_grads(case, params, seed, step, 0)):
             p.grad = grad
-        if backend != "reference":
-            opt._device_states()
-            poison_backups(opt)
+        poison_backups(opt)
         opt.first_step(zero_grad=True)
         trace.perturbed.append([p.detach().clone() for p in params])
         for p, grad in zip(params, step_grads(case, params, seed, step, 1)):

@@ -1,9 +1,13 @@
 """Bad input is refused with an error that names the argument; misuse of the call order too."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from fsam_fused import SAM, FriendlySAM
+from tests.cases import CPU_BACKENDS
 
 
 def _param():
@@ -116,3 +120,60 @@ def test_non_dense_parameter_is_refused_with_a_clear_error():
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="dense"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("name", ["rho", "sigma"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_infinite_hyperparameters_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        FriendlySAM([_param()], torch.optim.SGD, lr=0.1, **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int64])
+def test_numpy_numbers_are_accepted_like_python_numbers(dtype):
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, rho=dtype(0.1), sigma=dtype(1), lmbda=dtype(0.5))
+    p.grad = torch.randn(3)
+    opt.first_step()
+    opt.second_step()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "reference"])
+def test_fp64_parameter_in_an_adaptive_group_beside_fp32_ones(backend):
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} is not available here")
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = FriendlySAM([a, b], torch.optim.SGD, lr=0.1, adaptive=True, backend=backend)
+    ref_a, ref_b = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))
+    ref = FriendlySAM([ref_a, ref_b], torch.optim.SGD, lr=0.1, adaptive=True, backend="reference")
+    for p, q in ((a, ref_a), (b, ref_b)):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.first_step()
+    ref.first_step()
+    torch.testing.assert_close(a, ref_a)
+    torch.testing.assert_close(b, ref_b)
+
+
+def test_add_param_group_between_the_passes_is_refused_and_the_step_completes():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(p.sum()).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group(dict(params=[_param()]))
+    scaler.scale(p.sum()).backward()
+    opt.second_step(grad_scaler=scaler)
+    scaler.update()
+
+
+def test_unscale_before_first_step_is_refused():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(p.sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        opt.first_step(grad_scaler=scaler)

@@ -142,3 +142,22 @@ def test_fused_base_step_reads_nothing_back_to_the_host(backend, base):
         _full_step(params, opt, firsts, seconds)
         _full_step(params, opt, [torch.randn_like(p) for p in params], seconds)
     assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_skipped_very_first_step_leaves_a_fused_base_as_if_it_never_happened(backend, base):
+    # torch's fused SGD, told to skip the step that creates its momentum buffers, leaves them
+    # uninitialised; the run must equal one that never saw the bad step.
+    skipped_params, skipped = _setup(backend, fused=True, base=base)
+    clean_params, clean = _setup(backend, fused=True, base=base)
+    _full_step(skipped_params, skipped, _bad_grads(skipped_params))
+    assert skipped.skipped_steps == 1
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        firsts = [torch.randn(p.shape, generator=gen) for p in clean_params]
+        seconds = [torch.randn(p.shape, generator=gen) for p in clean_params]
+        _full_step(skipped_params, skipped, [g.clone() for g in firsts], [g.clone() for g in seconds])
+        _full_step(clean_params, clean, firsts, seconds)
+    for p, q in zip(skipped_params, clean_params):
+        assert torch.equal(p, q)

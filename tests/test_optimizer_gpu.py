@@ -38,12 +38,15 @@ def test_step_with_fused_base_never_syncs_with_the_host(backend):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in ((1000,), (64, 3, 3, 3), (7,))]
     opt = FriendlySAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, fused=True, backend=backend)
-    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(8)]
     _fused_sgd_step(params, opt, grads[0], grads[1])  # builds state and plans
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _fused_sgd_step(params, opt, grads[2], grads[3])
+        for i in range(1, 4):  # a per-step schedule uploads the group table every step
+            group = opt.param_groups[0]
+            group["rho"], group["sigma"], group["lmbda"] = 0.1 * i, 1.0 / i, 0.9 - 0.1 * i
+            _fused_sgd_step(params, opt, grads[2 * i], grads[2 * i + 1])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

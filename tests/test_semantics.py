@@ -92,8 +92,7 @@ def test_sam_is_fsam_with_sigma_zero_and_keeps_no_momentum(backend):
             opt.second_step(zero_grad=True)
     torch.testing.assert_close(p1, p2)
     assert "momentum" not in sam.state[p1]
-    if backend != "reference":
-        assert all(s.momentum_flat is None for s in sam._device_states().values())
+    assert all(s.momentum_flat is None for s in sam._flat.devices.values())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

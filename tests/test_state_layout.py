@@ -5,7 +5,7 @@ import torch
 
 from fsam_fused import FriendlySAM
 from fsam_fused.state import SLOT_ALIGNMENT, DeviceState, slot_offsets
-from tests.cases import CPU_FAST_BACKENDS
+from tests.cases import CPU_FAST_BACKENDS, random_step
 
 ODD_SHAPES = [(10,), (3, 3, 3), (), (7, 5), (1,), (64,), (0,), (13, 1, 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -54,12 +54,7 @@ def test_odd_sized_parameters_step_like_the_reference(backend):
         opt = FriendlySAM(params, torch.optim.SGD, backend=name, lr=0.1, rho=0.05)
         gen = torch.Generator().manual_seed(2)
         for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.first_step(zero_grad=True)
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.second_step(zero_grad=True)
+            random_step(opt, params, gen)
         steps.append([p.detach().clone() for p in params])
     for a, b in zip(*steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

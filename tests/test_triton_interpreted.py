@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from fsam_fused import FriendlySAM, backends  # noqa: E402
 from tests import test_grad_scaler, test_mixed_precision, test_nonfinite, test_semantics  # noqa: E402
-from tests.cases import CASES, assert_traces_close, run  # noqa: E402
+from tests.cases import CASES, assert_traces_close, attached_plans, run  # noqa: E402
 from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes  # noqa: E402
 from tests.triton_ops import TritonOps  # noqa: E402
 
@@ -164,11 +164,10 @@ def _plan(seed, inv_scale=None):
     )  # fmt: skip
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
-    opt._device_states()
+    opt._sync_state(opt._param_lists())
     opt.state[params[0]]["momentum"].copy_(torch.randn(5, generator=g))
     opt.state[params[0]]["momentum_seeded"].fill_(1.0)
-    hparams = [opt._hparams(i, grp) for i, grp in enumerate(opt.param_groups)]
-    ((_, plan),) = opt._step_plans(hparams)
+    ((_, plan),) = attached_plans(opt)
     plan.inv_scale = inv_scale
     return plan
 

@@ -2,9 +2,9 @@
 
 A backend is a module with ``name``, ``supports(dtype)``, ``sq_norm(plan)``,
 ``perturb_(plan, total_sq_norm)`` and ``restore_(plan)`` (DESIGN.md section 2), and
-``device_types``: the device types it runs on in this installation (None: every device). ``reference`` is not
-in this registry: it is the per-tensor loop of :mod:`fsam_fused.reference`, which the
-optimizer runs on its own.
+``device_types``: the device types it runs on in this installation (None: every device).
+``reference`` is the plain per-tensor loop (the test oracle and benchmark baseline); it is
+never picked by ``"auto"``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _HOW_TO_GET = {
         "device (or TRITON_INTERPRET=1 to run it on the CPU)"
     ),
     "torch": "",
+    "reference": "",
 }
 
 _loaded: dict[str, ModuleType | None] = {}
@@ -57,7 +58,7 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
-_MODULES = {"native": "native", "triton": "triton_backend", "torch": "foreach"}
+_MODULES = {"native": "native", "triton": "triton_backend", "torch": "foreach", "reference": "reference"}
 
 
 def available_backends() -> list[str]:
@@ -87,7 +88,6 @@ def resolve(name: str, device_type: str) -> ModuleType:
     An explicit name that cannot run here raises ``RuntimeError`` saying how to get it.
     """
     check_name(name)
-    assert name != REFERENCE, "the reference loop is not a registry backend"
     candidates = _FAST_BACKENDS if name == AUTO else (name,)
     for candidate in candidates:
         module = _load(candidate)

@@ -1,11 +1,12 @@
 """The ``torch`` backend: the three ops of DESIGN.md section 2 with ``torch._foreach_*``.
 
 Works on every device and floating dtype. Hyperparameters are read from the plan's
-device table (``coef``), except ``adaptive``, which decides which ops run. It keeps one
-flat fp32 work buffer per plan (allocated once, reused every step) holding the direction
-``d``; being flat, it can be made harmless with a single ``where`` when the step is not
-finite (``0 * inf`` is NaN, so scaling by a zero flag alone would not protect parameters
-or momentum).
+device table (``coef``), except ``adaptive``, which decides which ops run. The direction
+``d`` lives in a flat fp32 work buffer (the device state's scratch, allocated once and
+shared by every plan of the device, so memory stays flat whatever the participation); the
+plan lays its tensors out densely at the buffer's start, so the flat prefix can be made
+harmless with a single ``where`` when the step is not finite (``0 * inf`` is NaN, so
+scaling by a zero flag alone would not protect parameters or momentum).
 
 The EMA is written in terms of ``d`` so that the raw gradient need not be kept:
 ``lmbda*m + (1-lmbda)*g = (lmbda + (1-lmbda)*sigma)*m + (1-lmbda)*d`` since
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..plan import ADAPTIVE, LMBDA, RHO, SIGMA, DevicePlan
+from ..plan import LMBDA, RHO, SIGMA, DevicePlan
 from ..state import view_like
 
 name = "torch"
@@ -32,10 +33,11 @@ def supports(dtype: torch.dtype) -> bool:
 
 
 def _direction_views(plan: DevicePlan) -> tuple[Tensor, list[Tensor]]:
-    """The plan's flat fp32 direction buffer and its per-tensor views, made once per plan."""
+    """The plan's dense prefix of the device's fp32 scratch buffer and its per-tensor views."""
     cached = plan.cache.get(name)
     if cached is None:
-        flat = torch.empty(sum(p.numel() for p in plan.params), dtype=torch.float32, device=plan.device)
+        numel = sum(p.numel() for p in plan.params)
+        flat = plan.state.scratch(numel)[:numel]
         views, offset = [], 0
         for p in plan.params:
             views.append(view_like(flat, offset, p))
@@ -51,7 +53,7 @@ def _pick(items: list[Tensor], positions: list[int]) -> list[Tensor]:
 def sq_norm(plan: DevicePlan) -> Tensor:
     """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
     flat, d = _direction_views(plan)
-    torch._foreach_copy_(d, plan.grads)
+    torch._foreach_copy_(d, plan.grad_list())
     if plan.inv_scale is not None:
         flat.mul_(plan.inv_scale)
     if plan.momentum is not None:
@@ -60,12 +62,13 @@ def sq_norm(plan: DevicePlan) -> Tensor:
     norms = []
     for group, positions in plan.group_positions:
         d_group = _pick(d, positions)
-        if plan.group_hparams[group][ADAPTIVE]:
+        if plan.group_adaptive[group]:
             d_group = torch._foreach_mul(d_group, torch._foreach_abs(_pick(plan.params, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=plan.device)
-    return torch.stack(norms).square().sum()
+    # fp32 whatever the parameters' dtype (|p| of an fp64 parameter promotes the norms).
+    return torch.stack(norms).square().sum().float()
 
 
 def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
@@ -86,7 +89,7 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
         torch._foreach_mul_(plan.momentum, list(keep.unbind()))
         torch._foreach_addcmul_(plan.momentum, d, list(take.unbind()))
     for group, positions in plan.group_positions:
-        if plan.group_hparams[group][ADAPTIVE]:
+        if plan.group_adaptive[group]:
             d_group, params = _pick(d, positions), _pick(plan.params, positions)
             torch._foreach_mul_(d_group, params)
             torch._foreach_mul_(d_group, params)

@@ -1,8 +1,13 @@
 """The ``native`` backend: the compiled C++/CUDA ops of csrc/ (``torch.ops.fsam_fused``).
 
 Each of the three ops is one call over the whole plan; the CPU ops are multi-threaded
-and the CUDA ops are multi-tensor launches. Importing this module raises ImportError
-when the extension is not built, which the registry reads as "not available".
+and the CUDA ops are multi-tensor launches. When the step's gradients come from the
+compiled scan (the common case: plain tensor parameters, eager mode), the plan's lists live
+on the C++ side (``fsam_fused._C.NativeLists``) and the ops are called there, so a step
+converts no Python list of tensors; otherwise (Python scan, ``torch.compile``) the lists
+go through ``torch.ops`` as usual. Both reach the same kernels. Importing this module
+raises ImportError when the extension is not built, which the registry reads as "not
+available".
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ops
+from .. import _C, _ops
 from ..plan import DevicePlan
 
 name = "native"
@@ -24,28 +29,49 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
 
 
-def _momentum(plan: DevicePlan) -> list[Tensor]:
-    # The ops take an empty list for "no momentum" (SAM); cached so each step reuses it.
-    cached = plan.cache.get(name)
-    if cached is None:
-        cached = plan.cache[name] = list(plan.momentum) if plan.momentum is not None else []
-    return cached
+def _lists(plan: DevicePlan) -> _C.NativeLists | None:
+    """The plan's C++-side lists when this step's gradients are in the compiled scan, else None."""
+    if not isinstance(plan.source, _C.ParamScan) or torch.compiler.is_compiling():
+        return None
+    lists = plan.cache.get(name)
+    if lists is None:
+        lists = plan.cache[name] = _C.NativeLists(
+            plan.params, plan.momentum or [], plan.backup, plan.positions
+        )
+    return lists
 
 
 def sq_norm(plan: DevicePlan) -> Tensor:
     """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
-    return _ops.sq_norm(plan.params, plan.grads, _momentum(plan), plan.coef, plan.inv_scale)
+    lists = _lists(plan)
+    if lists is not None:
+        return lists.sq_norm(plan.source, plan.coef, plan.inv_scale)
+    return _ops.sq_norm(plan.params, plan.grad_list(), plan.momentum or [], plan.coef, plan.inv_scale)
 
 
 def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     """EMA of the momentum, ``backup <- p`` and ``p <- p + e`` in one pass; a no-op for p and m
     when ``total_sq_norm`` is not finite."""
-    momentum = _momentum(plan)
+    lists = _lists(plan)
+    if lists is not None:
+        lists.perturb_(plan.source, plan.coef, total_sq_norm, plan.eps, plan.inv_scale)
+        return
     _ops.perturb_(
-        plan.params, plan.grads, momentum, plan.backup, plan.coef, total_sq_norm, plan.eps, plan.inv_scale
+        plan.params,
+        plan.grad_list(),
+        plan.momentum or [],
+        plan.backup,
+        plan.coef,
+        total_sq_norm,
+        plan.eps,
+        plan.inv_scale,
     )
 
 
 def restore_(plan: DevicePlan) -> None:
     """``p <- backup``, a bit-exact copy in place."""
+    lists = plan.cache.get(name)
+    if lists is not None and not torch.compiler.is_compiling():
+        lists.restore_()
+        return
     _ops.restore_(plan.params, plan.backup)

@@ -5,9 +5,10 @@ module keeps a :class:`~fsam_fused.kernels.PlanArrays` in ``plan.cache["triton"]
 the address table and block maps are built on the first step, and afterwards the only
 per-step host work is comparing the gradients' addresses with the previous step's.
 
-Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before import, on CPU tensors
-instead (the interpreter reads the address tables as host memory, so CUDA tensors
-cannot go through it).
+The gradients' addresses are checked in ``sq_norm``, which the optimizer always runs
+before ``perturb_`` in the same step. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set
+before import, on CPU tensors instead (the interpreter reads the address tables as host
+memory, so CUDA tensors cannot go through it).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def supports(dtype: torch.dtype) -> bool:
 def _arrays(plan: DevicePlan) -> kernels.PlanArrays:
     arrays = plan.cache.get(name)
     if arrays is None:
-        arrays = kernels.PlanArrays(plan.params, plan.grads, plan.momentum, plan.backup)
+        arrays = kernels.PlanArrays(plan.params, plan.grad_list(), plan.momentum, plan.backup)
         plan.cache[name] = arrays
     return arrays
 
@@ -79,7 +80,7 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 def sq_norm(plan: DevicePlan) -> Tensor:
     """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
     arrays = _arrays(plan)
-    arrays.use_grads(plan.grads)
+    arrays.use_grads(plan.grad_list())
     out = torch.empty((), dtype=torch.float32, device=plan.device)
     with _on(plan.device):
         kernels.sq_norm(arrays, _coef(plan), plan.inv_scale, out)
@@ -90,7 +91,6 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     """EMA update of the momentum, ``backup <- p`` and ``p <- p + e``; a no-op for ``p`` and
     ``m`` when ``total_sq_norm`` is not finite (the backup is written either way)."""
     arrays = _arrays(plan)
-    arrays.use_grads(plan.grads)
     total = total_sq_norm.to(device=plan.device, dtype=torch.float32)
     with _on(plan.device):
         kernels.perturb_(arrays, _coef(plan), plan.inv_scale, total, plan.eps)

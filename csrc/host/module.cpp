@@ -1,0 +1,41 @@
+// The Python module `fsam_fused._C`. Importing it loads this library, which registers the
+// ops (schemas in csrc/ops.cpp, reached through torch.ops.fsam_fused), and exposes the
+// host-side step helpers that keep per-tensor work out of Python (ParamScan, NativeLists).
+#include <torch/csrc/utils/pybind.h>
+
+#include "native_lists.h"
+#include "param_scan.h"
+
+#ifndef FSAM_FUSED_CUDA_ARCHS
+#define FSAM_FUSED_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+using fsam_fused::host::NativeLists;
+using fsam_fused::host::ParamScan;
+
+PYBIND11_MODULE(_C, m) {
+  // The CUDA targets this build was compiled for ("" without CUDA), so tests and users can
+  // check that a wheel holds what it was asked to, and Python can tell CUDA kernels exist.
+  m.attr("cuda_arch_list") = FSAM_FUSED_CUDA_ARCHS;
+
+  py::class_<ParamScan>(m, "ParamScan")
+      .def(py::init<const py::list&>(), py::arg("param_lists"))
+      .def("scan", &ParamScan::scan, py::arg("param_lists"))
+      .def("grads", &ParamScan::grads, py::arg("positions"))
+      .def("release", &ParamScan::release);
+  m.def("zero_grads", &fsam_fused::host::zero_grads, py::arg("param_lists"));
+
+  // The op calls release the GIL: the CPU kernels run on several threads, the CUDA ones
+  // enqueue work, and neither touches Python.
+  py::class_<NativeLists>(m, "NativeLists")
+      .def(
+          py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>(),
+          py::arg("params"),
+          py::arg("momentum"),
+          py::arg("backup"),
+          py::arg("positions"))
+      .def("sq_norm", &NativeLists::sq_norm, py::call_guard<py::gil_scoped_release>())
+      .def("perturb_", &NativeLists::perturb_, py::call_guard<py::gil_scoped_release>())
+      .def("restore_", &NativeLists::restore_, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,61 @@
+// A native plan's tensor lists, held on the C++ side: the three fsam_fused ops are called on
+// them through the dispatcher with this step's gradients taken from a ParamScan, so a step
+// converts no Python list of tensors (fsam_fused/backends/native.py). sq_norm and perturb_
+// run their full argument checks once per scan generation; while the scan sees no change,
+// the lists are what those checks passed (same tensors, same layouts), so later calls skip
+// the per-tensor checks. restore_ always checks: it runs after the second pass, when the
+// parameters may have changed again.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "param_scan.h"
+
+namespace fsam_fused::host {
+
+class NativeLists {
+ public:
+  // `positions[i]`: the scan position of the parameter params[i]. `momentum` is empty for SAM.
+  NativeLists(
+      std::vector<at::Tensor> params,
+      std::vector<at::Tensor> momentum,
+      std::vector<at::Tensor> backup,
+      std::vector<int64_t> positions);
+
+  at::Tensor sq_norm(const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const;
+  void perturb_(
+      const ParamScan& scan,
+      const at::Tensor& coef,
+      const at::Tensor& total_sq_norm,
+      double eps,
+      const std::optional<at::Tensor>& inv_scale) const;
+  void restore_() const;
+
+ private:
+  std::vector<at::Tensor> grads_of(const ParamScan& scan) const;
+
+  // The (scan id, generation) at which each op last passed its full checks.
+  struct Checked {
+    uint64_t scan = 0;
+    uint64_t generation = 0;
+    bool current(const ParamScan& s) const {
+      return scan == s.id() && generation == s.generation();
+    }
+    void record(const ParamScan& s) {
+      scan = s.id();
+      generation = s.generation();
+    }
+  };
+  mutable Checked sq_norm_checked_;
+  mutable Checked perturb_checked_;
+
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> momentum_;
+  std::vector<at::Tensor> backup_;
+  std::vector<int64_t> positions_;
+};
+
+}  // namespace fsam_fused::host

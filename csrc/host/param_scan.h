@@ -1,0 +1,81 @@
+// The per-step look at an optimizer's parameters, in one loop (fsam_fused/scan.py has the
+// contract and the Python twin): which parameters have a gradient, and whether anything the
+// step's plans depend on changed since the previous scan (group membership, a parameter's
+// storage, dtype, device, shape or strides, the set of gradients, a gradient's layout).
+// Gradients are read through the C++ tensor API, so no Python object is made for them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/SmallVector.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <vector>
+
+namespace fsam_fused::host {
+
+// Shape and strides, compared at every scan.
+struct Geometry {
+  c10::SmallVector<int64_t, 6> sizes;
+  c10::SmallVector<int64_t, 6> strides;
+
+  bool matches(const at::Tensor& t) const;
+  void record(const at::Tensor& t);
+};
+
+class ParamScan {
+ public:
+  // `param_lists`: each param group's list of parameters (plain tensors).
+  explicit ParamScan(const pybind11::list& param_lists);
+
+  // Reads every parameter's .grad; true when membership, a parameter, the set of gradients or
+  // a gradient's layout differs from the previous call (always true on the first call).
+  bool scan(const pybind11::list& param_lists);
+
+  // This step's gradients (laid out like their parameters) at `positions`; nullopt where none.
+  std::vector<std::optional<at::Tensor>> grads(const std::vector<int64_t>& positions) const;
+
+  // The gradient of the parameter at `position`, which must have one.
+  const at::Tensor& grad(int64_t position) const;
+
+  // Drops the references to this step's gradients.
+  void release();
+
+  // Identifies what the last scan saw: the same (id, generation) means nothing changed since.
+  uint64_t id() const {
+    return id_;
+  }
+  uint64_t generation() const {
+    return generation_;
+  }
+
+ private:
+  struct Entry {
+    pybind11::object object;  // the Python parameter: membership is checked by identity
+    at::Tensor param;
+    const void* data = nullptr;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    c10::Device device = c10::Device(c10::DeviceType::CPU);
+    Geometry geometry;
+    bool has_grad = false;
+    c10::Layout grad_layout = c10::kStrided;
+    c10::ScalarType grad_dtype = c10::ScalarType::Undefined;
+    c10::Device grad_device = c10::Device(c10::DeviceType::CPU);
+    Geometry grad_geometry;
+    at::Tensor grad;  // held from scan() to release()
+  };
+
+  bool same_members(const pybind11::list& param_lists) const;
+  static bool observe(Entry& entry);
+
+  std::vector<size_t> group_sizes_;
+  std::vector<Entry> entries_;
+  uint64_t id_;
+  uint64_t generation_ = 0;
+};
+
+// Sets the gradient of every parameter in `param_lists` (lists of tensors) to None, as
+// `p.grad = None` does, in one loop.
+void zero_grads(const pybind11::list& param_lists);
+
+}  // namespace fsam_fused::host

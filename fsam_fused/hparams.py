@@ -1,0 +1,117 @@
+"""The per-group F-SAM hyperparameters: their checks and their table on each device.
+
+Kernels read a group's ``rho``, ``sigma``, ``lmbda`` and ``adaptive`` from an fp32
+``[groups, COEF_COLUMNS]`` device table (the plan turns it into one row per tensor), so a
+schedule that changes them between steps needs neither a new kernel nor a new CUDA graph:
+only the table's contents change.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .upload import Staging, capturing
+
+GROUP_KEYS = ("rho", "sigma", "lmbda", "adaptive")
+RHO, SIGMA, LMBDA, ADAPTIVE = range(4)
+COEF_COLUMNS = 4
+
+Row = tuple[float, ...]
+
+
+def _real(name: str, value: Any, where: str) -> float:
+    # numbers.Real admits Python and NumPy floats and ints alike (np.float32 included); bool
+    # is an int, but a flag given for a radius is a mistake.
+    if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{where}, got {type(value).__name__}")
+    if not -math.inf < value < math.inf:  # False for NaN too
+        raise ValueError(f"{name} must be finite{where}, got {value}")
+    return value
+
+
+def check_values(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) -> Row:
+    """Validate one group's values and return its table row; errors name the argument."""
+    rho, sigma, lmbda = (_real(n, v, where) for n, v in (("rho", rho), ("sigma", sigma), ("lmbda", lmbda)))
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0{where}, got {rho}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0{where}, got {sigma}")
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda must lie in [0, 1]{where}, got {lmbda}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
+    return (float(rho), float(sigma), float(lmbda), float(adaptive))
+
+
+def group_row(index: int, group: dict[str, Any], *, with_momentum: bool) -> Row:
+    """The checked table row of param group ``index``; SAM (no momentum) has sigma = lmbda = 0."""
+    row = check_values(f" (param group {index})", *(group[k] for k in GROUP_KEYS))
+    if not with_momentum:
+        row = (row[RHO], 0.0, 0.0, row[ADAPTIVE])
+    return row
+
+
+# What the compiled-graph op below reads the rows from, by id (see GroupTable.refresh).
+_ROW_SOURCES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("fsam_fused_py::load_group_table", mutates_args=("table",))
+def _load_group_table(table: Tensor, source_id: int) -> None:
+    source = _ROW_SOURCES[source_id]
+    source._staging.upload(source.rows_now(), table)
+
+
+@_load_group_table.register_fake
+def _(table: Tensor, source_id: int) -> None:
+    return None
+
+
+class GroupTable:
+    """The fp32 ``[groups, COEF_COLUMNS]`` table of one device, uploaded only when it changes.
+
+    Args:
+        device: where the table lives.
+        rows_now: the current (checked) rows; called inside compiled graphs, at run time.
+    """
+
+    def __init__(self, device: torch.device, rows_now: Callable[[], tuple[Row, ...]]) -> None:
+        self.device = device
+        self.rows: tuple[Row, ...] | None = None
+        self.tensor: Tensor | None = None
+        self.rows_now = rows_now
+        self._staging = Staging()
+        self.key = id(self)  # read in traced code as a plain int (dynamo cannot guard on id())
+        _ROW_SOURCES[self.key] = self
+
+    def refresh(self, rows: tuple[Row, ...] | None) -> Tensor:
+        """The device table holding ``rows``; uploads (without a host sync) only on change.
+
+        Inside ``torch.compile`` (``rows`` None), the rows are read by an opaque op when the
+        graph runs: reading the values in traced code would make the graph depend on them,
+        and a schedule would recompile it. So a compiled step is one graph for any schedule.
+        """
+        if rows is None:
+            assert self.tensor is not None, "an eager step builds the table before a compiled one"
+            torch.ops.fsam_fused_py.load_group_table(self.tensor, self.key)
+            return self.tensor
+        if rows == self.rows:
+            return self.tensor
+        if capturing(self.device):
+            raise RuntimeError(
+                "rho, sigma or lmbda changed since the last step, and a CUDA graph capture cannot "
+                "upload the new values: call optimizer.sync_hyperparameters() before capturing "
+                "(and after each change between replays)"
+            )
+        if self.tensor is None or self.tensor.shape[0] != len(rows):
+            self.tensor = torch.empty((len(rows), COEF_COLUMNS), dtype=torch.float32, device=self.device)
+            self._staging = Staging()
+        self._staging.upload(rows, self.tensor)
+        self.rows = rows
+        return self.tensor
