@@ -90,7 +90,7 @@ def main() -> None:
         logits = model(x_test.to(device)).float()
     loss = F.cross_entropy(logits, y_test.to(device)).item()
     accuracy = (logits.argmax(1).cpu() == y_test).float().mean().item()
-    print(f"steps {num_updates}, skipped {optimizer.skipped_steps}, lr now {optimizer.param_groups[0]['lr']:.2e}")
+    print(f"steps {num_updates}, skipped {optimizer.skipped_steps}")
     print(f"test loss {loss:.4f} (chance level {math.log(CLASSES):.4f}), accuracy {accuracy:.3f}")
 
 

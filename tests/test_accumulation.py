@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fsam_fused import FriendlySAM, accumulated_step, running_stats_frozen
 from tests.cases import CPU_BACKENDS
+from tests.example_scripts import run_example
 
 K = 3
 MICRO = 4
@@ -114,6 +115,26 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(backend, freeze):
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected_losses), **FP64)
 
 
+def test_the_docs_recipe_without_the_helper_makes_the_same_step():
+    """The loop that docs/training_loops.md shows for those who write it out (its lines are checked there)."""
+    model = _model()
+    optimizer = _optimizer(model, "torch")
+    for x_batch, y_batch in _batches():
+        micro_batches = list(zip(x_batch.split(MICRO), y_batch.split(MICRO)))
+        k = len(micro_batches)
+        for x, y in micro_batches:  # first pass: every micro-batch, at w
+            (F.cross_entropy(model(x), y) / k).backward()
+        optimizer.first_step(zero_grad=True)  # w <- w + e, once, from the whole batch's gradient
+        with running_stats_frozen(model):  # BatchNorm statistics move in the first pass only
+            for x, y in micro_batches:  # second pass: the same micro-batches, at w + e
+                (F.cross_entropy(model(x), y) / k).backward()
+        optimizer.second_step(zero_grad=True)  # restore w, one base optimizer step
+    expected, _ = _micro_batches("torch", freeze=True)
+    for key, want in expected.items():
+        for a, b in zip(_state(model, optimizer)[key], want, strict=True):
+            assert torch.equal(a, b), key
+
+
 def test_running_statistics_move_once_per_micro_batch_of_the_first_pass_when_frozen():
     state, _ = _micro_batches("torch", freeze=True)
     assert int(state["buffers"][-1]) == STEPS * K  # num_batches_tracked
@@ -168,3 +189,9 @@ def test_per_worker_mode_needs_ddp():
     model, opt, micro = _setup()
     with pytest.raises(TypeError, match="wrap the model in DDP"):
         accumulated_step(opt, model, micro, lambda b: model(b).sum(), mode="per_worker")
+
+
+def test_example_script_learns():
+    out = run_example("accumulation.py", "--epochs", "2")
+    final_loss = float(out.split("final loss ")[1].split()[0])
+    assert final_loss < 0.8, out  # chance level is log(4) = 1.39
