@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e '.[test]')")
+pytest.importorskip(
+    "accelerate", reason="accelerate is not installed (pip install --no-build-isolation -e '.[test]')"
+)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("lightning", reason="lightning is not installed (pip install -e '.[test]')")
+pytest.importorskip(
+    "lightning", reason="lightning is not installed (pip install --no-build-isolation -e '.[test]')"
+)
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

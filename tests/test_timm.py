@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[test]')")
+pytest.importorskip("timm", reason="timm is not installed (pip install --no-build-isolation -e '.[test]')")
 
 import timm  # noqa: E402
 import timm.optim  # noqa: E402
