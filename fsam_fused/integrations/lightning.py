@@ -41,10 +41,6 @@ _NO_CLOSURE = (
 )
 
 
-def _sam_optimizers(trainer: pl.Trainer) -> list[FriendlySAM]:
-    return [opt for opt in trainer.optimizers if isinstance(opt, FriendlySAM)]
-
-
 def _check_manual_optimization(module: pl.LightningModule) -> None:
     if module.automatic_optimization:
         raise RuntimeError(_AUTOMATIC)
@@ -63,7 +59,7 @@ class SAMStepChecks(pl.Callback):
         self._backwards = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _sam_optimizers(trainer):
+        if not any(isinstance(opt, FriendlySAM) for opt in trainer.optimizers):
             return
         _check_manual_optimization(pl_module)
         plugin = trainer.precision_plugin
@@ -75,7 +71,9 @@ class SAMStepChecks(pl.Callback):
                 "to the Trainer instead of precision='16-mixed'"
             )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._backwards = 0
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
