@@ -1,5 +1,6 @@
 """fsam_fused: a fused Friendly-SAM (F-SAM, CVPR 2024) and SAM optimizer for PyTorch."""
 
+from .accumulation import accumulated_step
 from .backends import available_backends
 from .batchnorm import disable_running_stats, enable_running_stats, running_stats_frozen
 from .optimizer import SAM, FriendlySAM
@@ -7,6 +8,7 @@ from .optimizer import SAM, FriendlySAM
 __all__ = [
     "SAM",
     "FriendlySAM",
+    "accumulated_step",
     "available_backends",
     "disable_running_stats",
     "enable_running_stats",

@@ -11,6 +11,9 @@ tests compare that with runs in this process:
   unsharded run; this only holds if the squared norm is summed over the shards.
 * Plain-tensor shards with an explicit ``process_group``: the perturbed and the updated
   parameters, put back together, equal the unsharded ones.
+* Gradient accumulation (``accumulated_step``, two micro-batches per rank) in each DDP mode
+  and under FSDP2: the same results as without it, and DDP all-reduces once per synced pass
+  (counted by a communication hook), not once per micro-batch.
 
 Ranks talk over loopback only (a file store and gloo bound to the loopback interface),
 and the spawn is killed if it outlives its deadline.
@@ -33,12 +36,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsam_fused import FriendlySAM
+from fsam_fused import FriendlySAM, accumulated_step
 from fsam_fused.distributed import first_pass, is_dtensor
 
 WORLD = 2
 STEPS = 3
 GLOBAL_BATCH = 8
+MICRO_BATCHES = 2  # per rank and step, in the accumulation scenarios
 SPAWN_DEADLINE_S = 120
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 # Shapes for the hand-sharded case, split along dim 0: odd sizes give uneven parts, and a
@@ -51,6 +55,9 @@ SCENARIOS = (
     "fsdp2",
     "mixed_sharding",
     "explicit_group",
+    "ddp_sync_accumulated",
+    "ddp_per_worker_accumulated",
+    "fsdp2_accumulated",
 )
 NONFINITE_STEP, NONFINITE_RANK = 1, 1
 
@@ -120,6 +127,39 @@ def _train(
     return trace
 
 
+def _train_accumulated(
+    model: nn.Module, batches, device: torch.device, mode: str = "sync", reductions: list[int] | None = None
+) -> list[dict]:
+    """F-SAM steps through ``accumulated_step``, each batch split into ``MICRO_BATCHES``.
+
+    ``reductions``: a counter from :func:`_counting_reductions`, recorded after every step.
+    """
+    params = list(model.parameters())
+    opt = _optimizer(params)
+    trace = []
+    for x, y in batches:
+        micro = list(zip(x.to(device).tensor_split(MICRO_BATCHES), y.to(device).tensor_split(MICRO_BATCHES)))
+        accumulated_step(opt, model, micro, lambda b: _loss(model, *b), mode=mode)
+        counted = {} if reductions is None else dict(reductions=torch.tensor(reductions[0]))
+        trace.append(dict(skipped=torch.tensor(opt.skipped_steps), **counted, **_snapshot(params, opt)))
+    return trace
+
+
+def _counting_reductions(model: nn.Module) -> list[int]:
+    """Make DDP count its bucket all-reduces in the returned one-element list."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = [0]
+
+    # No annotations: DDP checks them against dist.GradBucket, and this module's are strings.
+    def hook(counter, bucket):
+        counter[0] += 1
+        return allreduce_hook(None, bucket)
+
+    model.register_comm_hook(calls, hook)
+    return calls
+
+
 def _manual_params() -> list[Tensor]:
     g = torch.Generator().manual_seed(3)
     return [torch.randn(s, generator=g) for s in MANUAL_SHAPES]
@@ -173,6 +213,14 @@ def _run_scenario(name: str, rank: int, device: torch.device) -> list[dict]:
         fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
         assert all(is_dtensor(p) for p in model.parameters())
         return _train(model, batches, contextlib.nullcontext, device)
+    if name in ("ddp_sync_accumulated", "ddp_per_worker_accumulated"):
+        model = DDP(_model().to(device), device_ids=device_ids)
+        mode = name.removeprefix("ddp_").removesuffix("_accumulated")
+        return _train_accumulated(model, batches, device, mode, _counting_reductions(model))
+    if name == "fsdp2_accumulated":
+        model = _model().to(device)
+        fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
+        return _train_accumulated(model, batches, device)
     if name == "mixed_sharding":
         model = _model().to(device)
         fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
@@ -312,6 +360,29 @@ def test_fsdp2_sharded_parameters_equal_the_unsharded_run(ranks):
     expected = _single_process_full_batch()
     for rank, result in enumerate(ranks):
         _assert_trace_close(result["fsdp2"], expected, f"fsdp2 rank {rank}")
+
+
+# The test model's parameters fit in one DDP bucket, so one synced backward is one all-reduce.
+@pytest.mark.parametrize(("mode", "synced_passes"), [("sync", 2), ("per_worker", 1)])
+def test_ddp_accumulation_equals_the_unaccumulated_step_and_reduces_once_per_synced_pass(
+    ranks, mode, synced_passes
+):
+    expected = _single_process_full_batch() if mode == "sync" else None
+    simulated = _simulated_workers() if mode == "per_worker" else None
+    for rank, result in enumerate(ranks):
+        trace = result[f"ddp_{mode}_accumulated"]
+        _assert_trace_close(trace, expected or simulated[rank], f"ddp_{mode}_accumulated rank {rank}")
+        reductions = [int(step["reductions"]) for step in trace]
+        assert reductions == [synced_passes * (s + 1) for s in range(STEPS)], (
+            f"rank {rank}: all-reduces after each step {reductions}, expected {synced_passes} per step"
+        )
+    _assert_params_identical_across_ranks(ranks, f"ddp_{mode}_accumulated")
+
+
+def test_fsdp2_accumulation_equals_the_unsharded_run(ranks):
+    expected = _single_process_full_batch()
+    for rank, result in enumerate(ranks):
+        _assert_trace_close(result["fsdp2_accumulated"], expected, f"fsdp2_accumulated rank {rank}")
 
 
 def test_explicit_process_group_sums_the_norm_over_plain_tensor_shards(ranks):
