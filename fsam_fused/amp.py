@@ -34,8 +34,10 @@ def check_first_pass_scaled(scaler: torch.amp.GradScaler, optimizer: torch.optim
     ``first_step`` unscales the first-pass gradients as it reads them; unscaled twice, the
     perturbation would shrink by the scale, and the second pass would never be unscaled.
     """
+    if not scaler.is_enabled():
+        return
     record = scaler._per_optimizer_states.get(id(optimizer))
-    if scaler.is_enabled() and record is not None and record["stage"] is OptState.UNSCALED:
+    if record is not None and record["stage"] is OptState.UNSCALED:
         raise RuntimeError(
             "scaler.unscale_(optimizer) ran before first_step(grad_scaler=scaler): first_step unscales "
             "the first-pass gradients itself. Call scaler.unscale_ only after the second backward "
