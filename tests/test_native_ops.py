@@ -43,6 +43,27 @@ class NativeOps:
         _ops.restore_(lists.params, lists.backup)
 
 
+class CapturedNativeOps(NativeOps):
+    """Each op recorded into a CUDA graph, then replayed once."""
+
+    def _replayed(self, op):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = op()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out
+
+    def sq_norm(self, lists: Lists) -> torch.Tensor:
+        return self._replayed(lambda: super(CapturedNativeOps, self).sq_norm(lists))
+
+    def perturb_(self, lists: Lists, total: torch.Tensor, eps: float) -> None:
+        self._replayed(lambda: super(CapturedNativeOps, self).perturb_(lists, total, eps))
+
+    def restore_(self, lists: Lists) -> None:
+        self._replayed(lambda: super(CapturedNativeOps, self).restore_(lists))
+
+
 CASES = [
     pytest.param(shapes, dtypes, id=f"{name}-{'+'.join(str(d)[6:] for d in dtypes)}")
     for name, shapes in SHAPE_SETS.items()
@@ -55,6 +76,14 @@ CASES = [
 @pytest.mark.parametrize("shapes,dtypes", CASES)
 def test_ops_match_oracle(shapes, dtypes, variant, device):
     check_shapes(NativeOps(), shapes, dtypes, device, **VARIANTS[variant], label="native")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_set", ["over_one_launch", "chunk_boundaries"])
+def test_ops_captured_in_a_cuda_graph_match_oracle(shape_set):
+    """While a stream is captured the launchers pass 4 KB launch tables (more launches)."""
+    variant = VARIANTS["fsam_scaled"]
+    check_shapes(CapturedNativeOps(), SHAPE_SETS[shape_set], DTYPES, "cuda", **variant, label="graph")
 
 
 @pytest.mark.parametrize("device", DEVICES)
