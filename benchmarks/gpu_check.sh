@@ -30,8 +30,8 @@ fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/gpu_check_out}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-# Stage limits in seconds. The GPU tests compile every Triton kernel variant and autotune
-# on first use, so they get the most.
+# Stage limits in seconds. The GPU tests compile every Triton kernel variant on first use,
+# so they get the most.
 BUILD_LIMIT_S=150
 PYTEST_LIMIT_S=180
 BENCH_LIMIT_S=160

@@ -19,13 +19,10 @@ from torch import Tensor
 
 from .block_map import load_entry
 from .coef import load_coef
-from .common import fixed
+from .common import LaunchConfig, fixed
 from .plan_arrays import PlanArrays
 from .tensor_table import element_ptr, load_addresses
 from .vector import aligned_ptr, vectorizable, whole_vectors
-
-_SUM_BLOCK = 1024
-
 
 @triton.jit
 def _partial_sum(
@@ -98,11 +95,8 @@ def _sum_kernel(values, count, out, BLOCK: tl.constexpr):
     tl.store(out, tl.sum(acc, axis=0))
 
 
-# Not autotuned: the block size and warps fix the order in which a chunk's elements are
-# summed, and a tuner picks its winner by timing, afresh in every process, so the norm's
-# last bits (and the perturbed point) could differ between runs or between a run and
-# its resumption.
 _launch_partials = fixed(_partials_kernel)
+_launch_sum = fixed(_sum_kernel, LaunchConfig(1024, 4))
 
 
 def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Tensor) -> None:
@@ -120,4 +114,4 @@ def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Ten
             HAS_MOMENTUM=arrays.has_momentum,
             HAS_INV_SCALE=inv_scale is not None,
         )
-    _sum_kernel[(1,)](arrays.partials, arrays.partials.numel(), out, BLOCK=_SUM_BLOCK, num_warps=4)
+    _launch_sum((1,), arrays.partials, arrays.partials.numel(), out)

@@ -92,8 +92,8 @@ def _steps(params, opt, steps, seed):
 
 
 def test_step_reads_nothing_back_to_the_host_after_warmup():
-    """Warm-up steps autotune (that times kernels, and synchronises); later steps never sync,
-    also when the gradients are new tensors every step (set_to_none)."""
+    """Warm-up steps build the plan and compile the kernels; later steps never sync, also
+    when the gradients are new tensors every step (set_to_none)."""
     params = _model_of_many_tensors(300, _seed("sync"))
     opt = fsam_fused.FriendlySAM(params, torch.optim.SGD, lr=0.01, momentum=0.9, fused=True, backend="triton")
     _steps(params, opt, 2, seed=1)
