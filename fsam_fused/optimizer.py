@@ -224,12 +224,13 @@ class FriendlySAM(torch.optim.Optimizer):
             entry["momentum_seeded"] = state.seeded[slot]
 
     def _group_table(self, device: torch.device, hparams: list[tuple]) -> Tensor:
-        """The fp32 ``[groups, 4]`` hyperparameter table on ``device``, copied only on change."""
+        """The fp32 ``[groups, COEF_COLUMNS]`` hyperparameter table on ``device``, copied only on change."""
         key = tuple(hparams)
         cached = self._tables.get(device)
         if cached is not None and cached[0] == key:
             return cached[1]
-        rows = torch.tensor([[float(v) for v in h] for h in hparams], dtype=torch.float32)
+        # adaptive_eta and fisher_eta are 0 (off) until the groups carry them.
+        rows = torch.tensor([[float(v) for v in h] + [0.0, 0.0] for h in hparams], dtype=torch.float32)
         assert rows.shape[1] == COEF_COLUMNS
         table = cached[1] if cached is not None else torch.empty_like(rows, device=device)
         table.copy_(rows)

@@ -7,7 +7,9 @@ only what changes every step (the gradient tensors and the coefficient table), s
 backend never walks ``param_groups`` itself.
 
 Coefficient table ``coef`` (fp32, one row per tensor, on the plan's device):
-``rho``, ``sigma``, ``lmbda`` and ``adaptive`` (0 or 1) of the tensor's group, with
+``rho``, ``sigma``, ``lmbda``, ``adaptive`` (0 or 1), ``adaptive_eta`` and ``fisher_eta``
+of the tensor's group (DESIGN.md section 1; the column constants below, shared with
+csrc/fsam_math.h and the Triton kernels), with
 ``lmbda`` already set to 0 for tensors whose momentum is not seeded yet. With the
 momentum of an unseeded tensor kept at zero, the one formula of DESIGN.md section 1
 then covers the first step as well: ``d = g - sigma * 0 = g`` and ``m <- 0 * m + g``.
@@ -23,8 +25,8 @@ from torch import Tensor
 
 from .state import DeviceState
 
-RHO, SIGMA, LMBDA, ADAPTIVE = range(4)
-COEF_COLUMNS = 4
+RHO, SIGMA, LMBDA, ADAPTIVE, ADAPTIVE_ETA, FISHER_ETA = range(6)
+COEF_COLUMNS = 6
 
 
 @dataclass(eq=False)
@@ -35,7 +37,7 @@ class DevicePlan:
       params, grads, momentum (None when the optimizer keeps no momentum), backup:
         equally long lists, position ``i`` describing one parameter; momentum and
         backup views have the parameter's shape and strides, grads too.
-      coef: fp32 ``[n, 4]`` device tensor (see module docstring), refreshed every step.
+      coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step.
       group_positions: ``(group_index, positions)`` pairs, for backends that work per group.
       group_hparams: host copies of each group's ``(rho, sigma, lmbda, adaptive)``.
       eps: the constant added to the norm.

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from fsam_fused.plan import COEF_COLUMNS
 from tests.op_oracle import (
     CUDA_CHUNK,
     DTYPES,
@@ -17,6 +18,7 @@ from tests.op_oracle import (
     assert_bits_equal,
     bits,
     check_shapes,
+    check_zero_etas_are_bit_exact,
     clone,
     make_lists,
     poison,
@@ -87,6 +89,12 @@ def test_ops_captured_in_a_cuda_graph_match_oracle(shape_set):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_etas_give_the_formula_from_before_the_etas_bit_for_bit(variant, device):
+    check_zero_etas_are_bit_exact(NativeOps(), device, **VARIANTS[variant], label="native")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad_total", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_finite_total_leaves_params_and_momentum_bit_identical(dtype, bad_total, device):
@@ -127,7 +135,7 @@ def test_norm_is_bitwise_independent_of_thread_count():
 
 
 def test_empty_lists_give_zero_norm_and_no_op():
-    coef = torch.empty((0, 4))
+    coef = torch.empty((0, COEF_COLUMNS))
     assert float(_ops.sq_norm([], [], [], coef, None)) == 0.0
     _ops.perturb_([], [], [], [], coef, torch.tensor(1.0), 1e-12, None)
     _ops.restore_([], [])

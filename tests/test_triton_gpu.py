@@ -8,7 +8,7 @@ import torch
 
 import fsam_fused
 from tests.cases import CASE_IDS, CASES, Case, assert_traces_close, run
-from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes
+from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes, check_zero_etas_are_bit_exact
 from tests.triton_ops import TritonOps
 
 _triton = fsam_fused.backends._load("triton")
@@ -61,6 +61,11 @@ def test_compiled_triton_agrees_with_native(case, dtype):
 @pytest.mark.parametrize("shape_set", SHAPE_SETS)
 def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, dtypes, variant):
     check_shapes(TritonOps(), SHAPE_SETS[shape_set], dtypes, "cuda", **VARIANTS[variant], label="tt")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_etas_give_the_formula_from_before_the_etas_bit_for_bit(variant):
+    check_zero_etas_are_bit_exact(TritonOps(), "cuda", **VARIANTS[variant], label="tt")
 
 
 def test_two_runs_are_bitwise_equal():

@@ -23,7 +23,12 @@ pytest.importorskip("triton")
 from fsam_fused import FriendlySAM, backends  # noqa: E402
 from tests import test_grad_scaler, test_mixed_precision, test_nonfinite, test_semantics  # noqa: E402
 from tests.cases import CASES, assert_traces_close, run  # noqa: E402
-from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes  # noqa: E402
+from tests.op_oracle import (  # noqa: E402
+    SHAPE_SETS,
+    VARIANTS,
+    check_shapes,
+    check_zero_etas_are_bit_exact,
+)
 from tests.triton_ops import TritonOps  # noqa: E402
 
 triton_backend = backends._load("triton")
@@ -73,6 +78,15 @@ def test_triton_matches_reference_over_steps(case, dtype):
 def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set, variant):
     """Both branches of every kernel: 16-byte vectors and the scalar fallback (kernels/vector.py)."""
     check_shapes(TritonOps(), SHAPE_SETS[shape_set], DTYPES, "cpu", **VARIANTS[variant], label="tt")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_etas_give_the_formula_from_before_the_etas_bit_for_bit(variant):
+    """Without bf16 parameters: Triton 3.8's interpreter casts fp32 to bf16 by truncation (a
+    compiled kernel rounds to nearest even, as torch does), so its bf16 results are one ulp
+    off in about half the elements whatever the formula; tests/test_triton_gpu.py has bf16."""
+    dtypes = [torch.float32, torch.float16]
+    check_zero_etas_are_bit_exact(TritonOps(), "cpu", **VARIANTS[variant], label="tt", dtypes=dtypes)
 
 
 def _mixed_params(seed):

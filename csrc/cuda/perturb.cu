@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(
         d = direction(grad, mv[k], c.sigma);
         mv[k] = ema(mv[k], grad, c.lmbda);
       }
-      pv[k] = static_cast<T>(perturbed(static_cast<float>(pv[k]), d, scale, c.adaptive));
+      pv[k] = static_cast<T>(perturbed(static_cast<float>(pv[k]), grad, d, scale, c.t));
     }
     store<W>(p + i, pv);
     if constexpr (HasMomentum) {

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
     alignas(16) T gv[W];
     alignas(16) float mv[W];
     load<W>(g + i, gv);
-    if (c.adaptive) {
+    if (c.t.adaptive) {
       load<W>(p + i, pv);
     }
     if constexpr (HasMomentum) {
@@ -40,8 +40,9 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      const float d = direction(static_cast<float>(gv[k]) * unscale, HasMomentum ? mv[k] : 0.0f, c.sigma);
-      acc += norm_term(c.adaptive ? static_cast<float>(pv[k]) : 0.0f, d, c.adaptive);
+      const float grad = static_cast<float>(gv[k]) * unscale;
+      const float d = direction(grad, HasMomentum ? mv[k] : 0.0f, c.sigma);
+      acc += norm_term(c.t.adaptive ? static_cast<float>(pv[k]) : 0.0f, grad, d, c.t);
     }
   });
   const float block = block_sum(acc);

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..plan import ADAPTIVE, COEF_COLUMNS, LMBDA, RHO, SIGMA, DevicePlan
+from ..plan import DevicePlan
 
 name = "triton"
 
@@ -52,8 +52,6 @@ def _import_kernels() -> ModuleType:
 
 
 kernels = _import_kernels()
-
-assert (RHO, SIGMA, LMBDA, ADAPTIVE, COEF_COLUMNS) == (0, 1, 2, 3, 4), "kernels/coef.py reads this layout"
 
 device_types = {"cpu"} if kernels.INTERPRETED else {"cuda"}
 
@@ -103,5 +101,5 @@ def restore_(plan: DevicePlan) -> None:
 
 
 def _coef(plan: DevicePlan) -> Tensor:
-    assert plan.coef is not None and plan.coef.is_contiguous(), "the kernels read coef as a dense [n, 4]"
+    assert plan.coef is not None and plan.coef.is_contiguous(), "the kernels read coef as a dense table"
     return plan.coef
