@@ -8,7 +8,8 @@ and Triton (16384) kernels. Every tensor has its own coefficient row: rho, sigma
 adaptive_eta also where not adaptive, which the kernels must ignore), so adaptive,
 Fisher and plain tensors mix in one list. Outputs are poisoned before each op and every
 check draws fresh random inputs. :func:`check_ops_match_oracle` runs one round of the
-three ops of an :class:`Ops` against the oracle. :func:`check_zero_etas_are_bit_exact`
+three ops of an :class:`Ops` against the oracle; a mismatch reports the inputs at the
+first differing element (tests/mismatch_report.py). :func:`check_zero_etas_are_bit_exact`
 holds the ops with both etas 0 to the formula from before the etas, bit for bit.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fsam_fused.plan import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA
+from tests.mismatch_report import describe, layout, mismatches, value
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA_CHUNK = 32768
@@ -49,6 +51,10 @@ SHAPE_SETS["over_one_launch"] = [(3 + i % 11,) for i in range(150)] + [(CUDA_CHU
 ZERO_ETA_SHAPES = SHAPE_SETS["vector_widths"] + SHAPE_SETS["channels_last"] + [(CUDA_CHUNK + 5,)] * 3 + [()]
 
 
+COEF_NAMES = {RHO: "rho", SIGMA: "sigma", LMBDA: "lmbda", ADAPTIVE: "adaptive"}
+COEF_NAMES.update({ADAPTIVE_ETA: "adaptive_eta", FISHER_ETA: "fisher_eta"})
+
+
 @dataclass
 class Lists:
     params: list[Tensor]
@@ -57,6 +63,8 @@ class Lists:
     backup: list[Tensor]
     coef: Tensor
     inv_scale: Tensor | None
+    # What redraws these lists (check_shapes' seed key), for failure reports.
+    label: str = ""
 
 
 def view_at_offset(src: Tensor, offset: int) -> Tensor:
@@ -209,7 +217,69 @@ def bits(t: Tensor) -> Tensor:
 def assert_bits_equal(actual: list[Tensor], expected: list[Tensor], what: str) -> None:
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.stride() == e.stride() or a.numel() <= 1, f"{what}[{i}] layout changed"
-        assert torch.equal(bits(a.contiguous()), bits(e.contiguous())), f"{what}[{i}] is not bit-identical"
+        mask = mismatches(a, e, rtol=None)
+        if mask.any():
+            raise AssertionError(describe(f"{what}[{i}]", a, e, mask, "bit for bit")[0] + f"; {layout(a)}")
+
+
+# Per dtype: torch.testing.assert_close's defaults for the half types, tighter for fp32.
+_TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+}
+_MOMENTUM_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return _TOLERANCES[dtype]
+
+
+def _element_report(lists: Lists, before: Lists, i: int, index: tuple, scalars: str) -> str:
+    """The inputs of tensor i at ``index`` (from ``before`` the op) and the layouts of its tensors."""
+    inputs = [f"p={value(before.params[i], index)}", f"g={value(before.grads[i], index)}"]
+    if before.momentum:
+        inputs.append(f"m={value(before.momentum[i], index)}")
+    return (
+        f"\n  inputs there: {', '.join(inputs)}\n  coef row {i}: {_coef_row(lists, i)}; {scalars}"
+        f"\n  layouts: {_layouts(lists, i)}\n  {_context(lists)}"
+    )
+
+
+def _coef_row(lists: Lists, i: int) -> str:
+    row = lists.coef[i].tolist()
+    return ", ".join(f"{COEF_NAMES[c]}={row[c]:.9g}" for c in range(COEF_COLUMNS))
+
+
+def _layouts(lists: Lists, i: int) -> str:
+    named = (
+        ("params", lists.params),
+        ("grads", lists.grads),
+        ("momentum", lists.momentum),
+        ("backup", lists.backup),
+    )
+    return "; ".join(f"{name} {layout(ts[i])}" for name, ts in named if ts)
+
+
+def _context(lists: Lists) -> str:
+    inv_scale = "none" if lists.inv_scale is None else f"{float(lists.inv_scale):.9g}"
+    momentum = "with" if lists.momentum else "without"
+    return (
+        f"lists: {len(lists.params)} tensors on {lists.coef.device}, {momentum} momentum, "
+        f"inv_scale {inv_scale}; redraw with {lists.label or 'the test seed'}"
+    )
+
+
+def _assert_close_to_oracle(
+    what: str, actual, expected, tol: dict | None, lists: Lists, before: Lists, scalars
+) -> None:
+    """Element-wise comparison; ``tol`` None means the parameter dtype's :func:`tolerance`."""
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        t = tol or tolerance(a.dtype)
+        mask = mismatches(a, e, **t)
+        if mask.any():
+            line, index = describe(f"{what}[{i}]", a, e, mask, f"rtol {t['rtol']}, atol {t['atol']}")
+            raise AssertionError(line + _element_report(lists, before, i, index, scalars))
 
 
 def _part(lists: Lists, i: int, index: tuple | None = None) -> Lists:
@@ -219,7 +289,27 @@ def _part(lists: Lists, i: int, index: tuple | None = None) -> Lists:
         return [tensors[i] if index is None else tensors[i][index].reshape(1)] if tensors else []
 
     parts = (pick(lists.params), pick(lists.grads), pick(lists.momentum), pick(lists.backup))
-    return Lists(*parts, lists.coef[i : i + 1], lists.inv_scale)
+    return Lists(*parts, lists.coef[i : i + 1], lists.inv_scale, lists.label)
+
+
+def _sq_norm_report(ops: Ops, lists: Lists, total: float, expected: float) -> str:
+    """Which tensor's norm differs on its own (each run through the op alone)."""
+    message = f"sq_norm: got {total:.9g}, expected {expected:.9g}"
+    for i in range(len(lists.params)):
+        alone = _part(lists, i)
+        got, want = float(ops.sq_norm(alone)), oracle_sq_norm(alone)
+        if not math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-30):
+            return (
+                f"{message}\n  tensor {i} alone: got {got:.9g}, expected {want:.9g}\n  coef row {i}: "
+                f"{_coef_row(lists, i)}\n  layouts: {_layouts(lists, i)}\n  {_context(lists)}"
+            )
+    return f"{message}\n  every tensor alone agrees: the sum over tensors differs\n  {_context(lists)}"
+
+
+def snapshot(lists: Lists) -> Lists:
+    """A copy of the lists' values (not their layout) before an op changes them."""
+    copies = (clone(lists.params), clone(lists.grads), clone(lists.momentum), clone(lists.backup))
+    return Lists(*copies, lists.coef.clone(), lists.inv_scale, lists.label)
 
 
 class Ops(Protocol):
@@ -232,30 +322,28 @@ class Ops(Protocol):
     def restore_(self, lists: Lists) -> None: ...
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
-
-
 def check_ops_match_oracle(ops: Ops, lists: Lists, eps: float = 1e-12) -> None:
     """sq_norm, perturb_ and restore_ of ``ops`` on ``lists`` against the oracle, outputs poisoned."""
     total = ops.sq_norm(lists)
     assert total.dtype == torch.float32 and total.dim() == 0 and total.device == lists.coef.device
     expected_total = oracle_sq_norm(lists)
-    assert math.isclose(float(total), expected_total, rel_tol=1e-5, abs_tol=1e-30)
+    if not math.isclose(float(total), expected_total, rel_tol=1e-5, abs_tol=1e-30):
+        raise AssertionError(_sq_norm_report(ops, lists, float(total), expected_total))
 
-    old_params = clone(lists.params)
+    before = snapshot(lists)
     expected_p, expected_m = oracle_perturb(lists, total, eps)
     poison(lists.backup)
     ops.perturb_(lists, total, eps)
-    assert_bits_equal(lists.backup, old_params, "backup")
-    for i, (a, e) in enumerate(zip(lists.params, expected_p, strict=True)):
-        torch.testing.assert_close(a, e, **tolerance(a.dtype), msg=lambda m, i=i: f"params[{i}]: {m}")
-    for i, (a, e) in enumerate(zip(lists.momentum, expected_m, strict=True)):
-        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"momentum[{i}]: {m}")
+    scalars = f"total_sq_norm={float(total):.9g}, eps={eps:.3g}"
+    assert_bits_equal(lists.backup, before.params, "perturb_ backup")
+    _assert_close_to_oracle("perturb_ params", lists.params, expected_p, None, lists, before, scalars)
+    _assert_close_to_oracle(
+        "perturb_ momentum", lists.momentum, expected_m, _MOMENTUM_TOLERANCE, lists, before, scalars
+    )
 
     poison(lists.params)
     ops.restore_(lists)
-    assert_bits_equal(lists.params, old_params, "params after restore_")
+    assert_bits_equal(lists.params, before.params, "params after restore_")
 
 
 def check_zero_etas_are_bit_exact(
@@ -308,6 +396,7 @@ def seeded_lists(shapes, dtypes, device, with_momentum: bool, inv_scale: bool, l
         inv_scale=inv_scale,
         channels_last=any(len(s) == 4 for s in shapes),
     )
+    lists.label = f"seeded_lists key {key!r}"
     return lists
 
 

@@ -1,9 +1,20 @@
 """The op oracle itself: its lists reach both paths of a kernel (aligned tensors and
-unaligned views), and its formula matches a case worked out by hand."""
+unaligned views), its formula matches a case worked out by hand, and a kernel that
+disagrees with it gets a report that locates the error."""
 
+import pytest
 import torch
 
-from tests.op_oracle import SHAPE_SETS, Lists, make_lists, oracle_perturb, oracle_sq_norm
+from tests.op_oracle import (
+    DTYPES,
+    SHAPE_SETS,
+    Lists,
+    check_ops_match_oracle,
+    make_lists,
+    oracle_perturb,
+    oracle_sq_norm,
+    seeded_lists,
+)
 
 
 def test_lists_mix_16_byte_aligned_tensors_and_unaligned_views():
@@ -43,3 +54,57 @@ def test_oracle_matches_a_hand_computed_case():
     torch.testing.assert_close(params, [torch.tensor([-1.5 + 0.5 * 0.2]), torch.tensor([-1.0 + 0.4, 3.0])])
     # m <- lmbda m + (1 - lmbda) g: 0.5 * 0.5 + 0.5 * 1 = 0.75; (0.75 * 2, 0).
     torch.testing.assert_close(momentum, [torch.tensor([0.75]), torch.tensor([1.5, 0.0])])
+
+
+class _OracleOps:
+    """The oracle as an :class:`Ops`, with one deliberate error: ``wrong`` names the output."""
+
+    def __init__(self, wrong: str, tensor: int, index: tuple[int, ...]) -> None:
+        self.wrong, self.tensor, self.index = wrong, tensor, index
+        self.bad_address = None
+
+    def sq_norm(self, lists: Lists) -> torch.Tensor:
+        if self.bad_address is None:
+            self.bad_address = lists.params[self.tensor].data_ptr()
+        total = oracle_sq_norm(lists)
+        if self.wrong == "sq_norm" and any(p.data_ptr() == self.bad_address for p in lists.params):
+            total *= 1.01
+        return torch.tensor(total, dtype=torch.float32)
+
+    def perturb_(self, lists: Lists, total: torch.Tensor, eps: float) -> None:
+        new_p, new_m = oracle_perturb(lists, total, eps)
+        for outputs, values in ((lists.backup, lists.params), (lists.params, new_p), (lists.momentum, new_m)):
+            for out, v in zip(outputs, values):
+                out.copy_(v)
+        wrong = {"params": lists.params, "momentum": lists.momentum}.get(self.wrong)
+        if wrong is not None:
+            wrong[self.tensor][self.index] += 1.0
+
+    def restore_(self, lists: Lists) -> None:
+        for p, b in zip(lists.params, lists.backup):
+            p.copy_(b)
+
+
+@pytest.mark.parametrize("wrong", ["params", "momentum"])
+def test_a_wrong_element_is_reported_with_its_inputs_and_layout(wrong):
+    lists = seeded_lists(SHAPE_SETS["channels_last"], DTYPES, "cpu", True, True, "report")
+    with pytest.raises(AssertionError) as failure:
+        check_ops_match_oracle(_OracleOps(wrong, tensor=1, index=(1, 5, 2, 1)), lists)
+    message = str(failure.value)
+    expected = [
+        f"perturb_ {wrong}[1]: 1 of 126 elements differ",
+        "first at index (1, 5, 2, 1) (storage element 117)",  # channels_last: 63 + 5 + 2 * 21 + 7
+        "got ", "expected ", "inputs there: p=", ", g=", ", m=",
+        "coef row 1: rho=", "fisher_eta=", "total_sq_norm=",
+        f"params {str(lists.params[1].dtype)[6:]} shape (2, 7, 3, 3) strides (63, 1, 21, 7) offset",
+        "address % 16 = ", "with momentum, inv_scale 0.", "redraw with seeded_lists key 'report|",
+    ]  # fmt: skip
+    for part in expected:
+        assert part in message, f"{part!r} missing from:\n{message}"
+
+
+def test_a_wrong_norm_is_traced_to_its_tensor():
+    lists = seeded_lists(SHAPE_SETS["vector_widths"], DTYPES, "cpu", True, False, "report")
+    traced = r"sq_norm: got .*\n  tensor 5 alone: got .*\n  coef row 5: rho="
+    with pytest.raises(AssertionError, match=traced):
+        check_ops_match_oracle(_OracleOps("sq_norm", tensor=5, index=()), lists)
