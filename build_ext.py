@@ -21,7 +21,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -118,11 +117,14 @@ def _pip_cuda_dirs() -> tuple[list[str], list[str]]:
     pip's nvidia wheels carry both, the runtime only as a versioned ``libcudart.so.N``,
     for which a link directory with an unversioned symlink is made under build/.
     """
+    import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     include_dirs: list[str] = []
     library_dirs: list[str] = []
-    site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
+    # pip installs torch's nvidia wheels beside torch, which need not be this interpreter's
+    # site-packages (a virtualenv that reaches a shared torch through a .pth file).
+    site = Path(torch.__file__).resolve().parents[1] / "nvidia"
     toolkit = Path(CUDA_HOME)
     if not (toolkit / "include" / "cusparse.h").exists():
         include_dirs += [str(p.parent) for p in sorted(site.glob("*/include/cusparse.h"))]

@@ -1,8 +1,7 @@
 """When two runs of the optimizer count as the same math: tolerances and comparison.
 
-The fast backends sum the norm in a different order than the reference loop, so fp32
-results differ by rounding; half-precision parameters round ``p + e`` once per step and
-may land one ulp apart. The tolerances match the test suite's (tests/cases.py).
+The tolerances are the package's one table (:mod:`fsam_fused.testing`), shared with the
+test suite.
 """
 
 from __future__ import annotations
@@ -12,12 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-TOLERANCES: dict[torch.dtype, dict[str, float]] = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=5e-3, atol=5e-3),
-}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from fsam_fused import backends as registry
 
 from .presets import DEFAULT_PRESET, PRESETS, resolve_presets
 from .runner import CPU_E2E_BATCH, CPU_E2E_BATCH_QUICK, CUDA_E2E_BATCH, run
+from .step_bench import DEFAULT_VARIANT, VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
     )
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16, or a comma list (default fp32)")
+    parser.add_argument(
+        "--variant",
+        default=DEFAULT_VARIANT,
+        help=f"SAM variants to time: {', '.join(VARIANTS)}, a comma list or all (default {DEFAULT_VARIANT})",
+    )
     parser.add_argument(
         "--backends",
         default=None,
@@ -134,7 +140,12 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, An
                 parser.error(f"--backends: {exc}")
     if args.e2e_batch is not None and args.e2e_batch < 1:
         parser.error("--e2e-batch must be a positive integer")
-    return args, dict(presets=presets, device=device, dtypes=[DTYPES[d] for d in dtypes], backends=names)
+    variants = list(VARIANTS) if args.variant == "all" else _comma_list(args.variant)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variant {args.variant!r}: choose from {', '.join(VARIANTS)} (a comma list, or all)")
+    plan = dict(presets=presets, device=device, dtypes=[DTYPES[d] for d in dtypes], backends=names)
+    return args, {**plan, "variants": variants}
 
 
 class Progress:

@@ -17,13 +17,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fsam_fused import FriendlySAM
+from fsam_fused import testing as tolerances
 
 from .agreement import Verdict, compare
 
 STEPS = 40
 BATCH = 64
-# Per-step rounding differences (1e-6 relative) grow over STEPS steps of training.
-TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 
 @dataclass
@@ -102,9 +101,9 @@ def check_agreement(
         if backend != "reference":
             ref, run = runs["reference"], runs[backend]
             verdict = compare(
-                [torch.tensor(run.losses)], [torch.tensor(ref.losses)], "loss curve", **TOLERANCE
+                [torch.tensor(run.losses)], [torch.tensor(ref.losses)], "loss curve", **tolerances.TRAINING
             )
             if verdict:
-                verdict = compare(run.params, ref.params, "final param", **TOLERANCE)
+                verdict = compare(run.params, ref.params, "final param", **tolerances.TRAINING)
             verdicts[backend] = verdict
     return runs, verdicts

@@ -12,13 +12,17 @@ from .step_bench import StepResult
 
 
 def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
-    """Add speedup over ``reference`` and effective bandwidth to each timed result.
+    """Add speedup over ``reference``, effective bandwidth and host time per tensor to each
+    timed result.
 
     Effective bandwidth is the bytes model's traffic (DESIGN.md section 3) over the
     measured time, so a backend that moves more bytes than the model shows a lower
     fraction; the reference loop, which moves several times that, is rated the same way.
+    Host time per tensor is the time above the bytes floor over the tensor count: on a
+    preset of many tiny tensors (``tiny``), where the floor is a few microseconds, it is the
+    per-tensor host work of the step (DESIGN.md section 3's second half).
     """
-    reference = {(r.preset, r.dtype): r for r in results if r.backend == "reference" and r.ok}
+    reference = {(r.preset, r.dtype, r.variant): r for r in results if r.backend == "reference" and r.ok}
     for r in results:
         if r.total is None:
             continue
@@ -26,7 +30,8 @@ def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
         r.derived["effective_bandwidth_gbs"] = r.model_bytes / seconds / 1e9
         r.derived["bandwidth_fraction"] = r.model_bytes / seconds / copy_bandwidth
         r.derived["floor_ms"] = 1e3 * r.model_bytes / copy_bandwidth
-        ref = reference.get((r.preset, r.dtype))
+        r.derived["host_us_per_tensor"] = 1e3 * max(0.0, r.total.median - r.derived["floor_ms"]) / r.tensors
+        ref = reference.get((r.preset, r.dtype, r.variant))
         if ref is not None and ref.total is not None:
             r.derived["speedup"] = ref.total.median / r.total.median
 
@@ -67,6 +72,7 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
         "preset",
         "dtype",
         "backend",
+        "variant",
         "tensors",
         "params",
         "first ms",
@@ -80,7 +86,7 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
     ]
     rows = []
     for r in results:
-        lead = [r.preset, r.dtype, r.backend, str(r.tensors), f"{r.numel / 1e6:.2f}M"]
+        lead = [r.preset, r.dtype, r.backend, r.variant or "-", str(r.tensors), f"{r.numel / 1e6:.2f}M"]
         if r.total is None:
             rows.append([*lead, "FAILED", "-", "-", "-", "-", "-", "-", "-"])
             continue
@@ -88,8 +94,8 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
         rows.append(
             [
                 *lead,
-                f"{r.first.median:.2f}",
-                f"{r.second.median:.2f}",
+                f"{r.first.median:.2f}" if r.first is not None else "-",
+                f"{r.second.median:.2f}" if r.second is not None else "-",
                 f"{r.total.median:.2f}",
                 f"±{r.total.spread_pct / 2:.0f}%",
                 f"{d['speedup']:.2f}x" if "speedup" in d else "-",
@@ -99,7 +105,8 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
             ]
         )
     note = (
-        f"step = first_step + second_step with a no-op base optimizer (the SAM work alone); median "
+        "step = first_step + second_step with a no-op base optimizer (the SAM work alone; the "
+        "'torch ...' rows are PyTorch's own optimizers' step on the same tensors, lr 0); median "
         f"of interleaved repetitions, spread = half the interquartile range. GB/s: bytes model "
         f"(DESIGN.md 3) / time; 'of copy': vs the copy bandwidth measured now, {copy_bandwidth / 1e9:.1f} "
         "GB/s. Peak: memory allocated above the step's start, on the first call (allocates state) "
@@ -107,7 +114,35 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
     )
     failures = [f"{r.preset} {r.dtype} {r.backend}: {r.status}" for r in results if not r.ok]
     spreads = [r.total.spread_pct for r in results if r.total is not None]
-    return "\n".join([_table(header, rows, left=3), note, *failures, *_noise_warning(spreads)])
+    return "\n".join([_table(header, rows, left=4), note, *failures, *_noise_warning(spreads)])
+
+
+HOST_OVERHEAD_PRESET = "tiny"
+
+
+def host_table(results: Sequence[StepResult]) -> str | None:
+    """Host time per tensor on the many-tiny-tensors preset, or None if it was not run."""
+    rows = [
+        [
+            r.dtype,
+            r.backend,
+            r.variant or "-",
+            str(r.tensors),
+            f"{r.total.median:.2f}",
+            f"{r.derived['floor_ms']:.3f}",
+            f"{r.derived['host_us_per_tensor']:.3f}",
+        ]
+        for r in results
+        if r.preset == HOST_OVERHEAD_PRESET and r.total is not None
+    ]
+    if not rows:
+        return None
+    header = ["dtype", "backend", "variant", "tensors", "step ms", "floor ms", "host us/tensor"]
+    note = (
+        f"host us/tensor = (step - bytes floor) / tensors on the {HOST_OVERHEAD_PRESET} preset: the step's "
+        "per-tensor host work, nothing changed since the last step (DESIGN.md 3: target 0.5 us)."
+    )
+    return "\n".join([_table(header, rows, left=3), note])
 
 
 def e2e_table(results: Sequence[E2EResult], batch: int) -> str:

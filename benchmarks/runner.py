@@ -16,8 +16,8 @@ from .digits import check_agreement
 from .e2e import run_e2e
 from .machine import describe, slug
 from .measure import Budget, copy_bandwidth
-from .report import derive, e2e_table, step_table, write_json
-from .step_bench import StepResult, run_preset
+from .report import derive, e2e_table, host_table, step_table, write_json
+from .step_bench import DEFAULT_VARIANT, StepResult, run_preset
 
 CPU_E2E_BATCH, CPU_E2E_BATCH_QUICK, CUDA_E2E_BATCH = 16, 4, 128
 # 128 MiB per buffer: past every CPU cache and a GPU's L2, so the copy measures memory, and
@@ -59,6 +59,7 @@ def run(
     dtypes: list[torch.dtype],
     backends: list[str],
     progress: Callable[[str], None],
+    variants: list[str] | None = None,
 ) -> int:
     """The whole benchmark; returns the exit status (1 when any backend disagrees)."""
     started = time.perf_counter()
@@ -79,6 +80,7 @@ def run(
     if args.train_check:
         agree &= _training_check(backends, device, progress, record)
 
+    variants = variants or [DEFAULT_VARIANT]
     step_budget, e2e_budget = budgets(device, args.quick)
     progress(f"measuring copy bandwidth on {COPY_NUMEL / 1e6:.0f}M fp32 elements")
     bandwidth = copy_bandwidth(device, COPY_NUMEL, step_budget)
@@ -87,7 +89,14 @@ def run(
     for preset in presets:
         for dtype in dtypes:
             results += run_preset(
-                preset, backends, device, dtype, step_budget, gate_max_elements(device, args.quick), progress
+                preset,
+                backends,
+                device,
+                dtype,
+                step_budget,
+                gate_max_elements(device, args.quick),
+                progress,
+                variants=variants,
             )
             gc.collect()
     derive(results, bandwidth)
@@ -95,6 +104,9 @@ def run(
     agree &= all(r.ok for r in results)
 
     tables = [step_table(results, bandwidth)]
+    host = host_table(results)
+    if host is not None:
+        tables.append(host)
     if args.e2e:
         batch = e2e_batch(args, device)
         e2e = run_e2e(backends, device, batch, e2e_budget, progress)

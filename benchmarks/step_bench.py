@@ -5,12 +5,17 @@ perturbation, backup, restore) that the bytes model of DESIGN.md section 3 descr
 the base step is the same for every backend and is measured by the end-to-end benchmark.
 Before a backend is timed it must agree with ``reference`` over a few steps on the same
 shapes (the gate); a backend that disagrees is reported as failing and not timed.
+
+Each backend runs each requested SAM variant (:data:`VARIANTS`), and PyTorch's own
+``SGD(foreach=True)`` and ``AdamW(fused=True)`` steps are timed beside them on the same
+tensors as anchors (:data:`ANCHORS`): on a preset of many tiny tensors, step time minus
+the bytes floor is host work, and theirs is the per-tensor overhead to beat.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from fsam_fused import FriendlySAM
+from fsam_fused import testing as tolerances
 
-from .agreement import TOLERANCES, Verdict, compare
+from .agreement import Verdict, compare
 from .bytes_model import step_bytes
 from .measure import Budget, Summary, peak_memory_bytes, time_interleaved
 from .presets import numel, parameter_shapes, subset_within
@@ -27,6 +33,19 @@ from .presets import numel, parameter_shapes, subset_within
 # The authors' CIFAR hyperparameters (DESIGN.md section 1).
 FSAM_KWARGS = dict(rho=0.1, sigma=1.0, lmbda=0.6)
 GATE_STEPS = 3
+# The SAM variants of the normalisation operator (fsam_fused.hparams), on top of FSAM_KWARGS.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fsam": {},
+    "asam_eta": dict(adaptive=True, adaptive_eta=0.01),
+    "fisher": dict(fisher_eta=1.0),
+}
+DEFAULT_VARIANT = "fsam"
+# PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
+# bytes they move per element in units of the parameter's element size.
+ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {
+    "torch SGD foreach": (torch.optim.SGD, dict(lr=0.0, momentum=0.9, foreach=True), 5),  # p g buf / p buf
+    "torch AdamW fused": (torch.optim.AdamW, dict(lr=0.0, fused=True), 7),  # p g m v / p m v
+}
 
 
 class NoBaseStep(torch.optim.Optimizer):
@@ -55,6 +74,7 @@ class StepResult:
     backend: str
     tensors: int
     numel: int
+    variant: str = DEFAULT_VARIANT  # "" for an anchor
     status: str = "ok"  # "ok", or "FAILED: <why>"
     gate: str = ""
     first: Summary | None = None
@@ -68,6 +88,10 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def is_anchor(self) -> bool:
+        return self.backend in ANCHORS
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("first", "second", "total", "derived")}
@@ -95,16 +119,20 @@ def _randn(shape, gen: torch.Generator, device: torch.device, dtype: torch.dtype
 
 
 def _optimizer(
-    params: list[nn.Parameter], backend: str, base: Callable[..., torch.optim.Optimizer], **kw: Any
+    params: list[nn.Parameter],
+    backend: str,
+    base: Callable[..., torch.optim.Optimizer],
+    variant: str = DEFAULT_VARIANT,
+    **kw: Any,
 ):
-    return FriendlySAM(params, base, backend=backend, **FSAM_KWARGS, **kw)
+    return FriendlySAM(params, base, backend=backend, **FSAM_KWARGS, **VARIANTS[variant], **kw)
 
 
 def _gate_trace(
-    shapes, backend: str, device: torch.device, dtype: torch.dtype, seed: int
+    shapes, backend: str, device: torch.device, dtype: torch.dtype, seed: int, variant: str = DEFAULT_VARIANT
 ) -> list[list[Tensor]]:
     params = make_params(shapes, device, dtype, seed)
-    opt = _optimizer(params, backend, torch.optim.SGD, lr=0.05, momentum=0.9)
+    opt = _optimizer(params, backend, torch.optim.SGD, variant, lr=0.05, momentum=0.9)
     gen = torch.Generator(device).manual_seed(seed + 1)
     trace = []
     for _ in range(GATE_STEPS):
@@ -119,22 +147,29 @@ def _gate_trace(
     return trace
 
 
-def gate(shapes, backend: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Verdict:
+def gate(
+    shapes,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    variant: str = DEFAULT_VARIANT,
+) -> Verdict:
     """Does ``backend`` give the reference's perturbed and updated parameters over a few steps?"""
-    expected = _gate_trace(shapes, "reference", device, dtype, seed)
-    actual = _gate_trace(shapes, backend, device, dtype, seed)
+    expected = _gate_trace(shapes, "reference", device, dtype, seed, variant)
+    actual = _gate_trace(shapes, backend, device, dtype, seed, variant)
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         verdict = compare(
-            a, e, f"step {step // 2} {'updated' if step % 2 else 'perturbed'} p", **TOLERANCES[dtype]
+            a, e, f"step {step // 2} {'updated' if step % 2 else 'perturbed'} p", **tolerances.step(dtype)
         )
         if not verdict:
             return verdict
     return Verdict(True, f"{GATE_STEPS} steps, {len(shapes)} tensors, {verdict.detail}")
 
 
-def _check(shapes, backend: str, device: torch.device, dtype: torch.dtype) -> Verdict:
+def _check(shapes, backend: str, device: torch.device, dtype: torch.dtype, variant: str) -> Verdict:
     try:
-        return gate(shapes, backend, device, dtype)
+        return gate(shapes, backend, device, dtype, variant=variant)
     except Exception as exc:  # a crashing backend is a failing backend: reported, not timed
         return Verdict(False, f"{type(exc).__name__}: {exc}")
 
@@ -147,8 +182,10 @@ def run_preset(
     budget: Budget,
     gate_max_elements: int | None,
     progress: Callable[[str], None],
+    variants: Sequence[str] = (DEFAULT_VARIANT,),
 ) -> list[StepResult]:
-    """Gate every backend against ``reference`` on one preset, then time those that agree.
+    """Gate every backend and variant against ``reference``, then time those that agree,
+    with the :data:`ANCHORS` beside them.
 
     All optimizers share one set of parameters and gradients: with a no-op base step a
     full step leaves the parameters bit-identical, and sharing keeps memory to one copy
@@ -158,48 +195,66 @@ def run_preset(
     gate_shapes = shapes if gate_max_elements is None else subset_within(shapes, gate_max_elements)
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
-    for backend in ["reference", *[b for b in backend_names if b != "reference"]]:
-        result = StepResult(
-            preset=preset,
-            device=str(device),
-            dtype=dtype_name,
-            backend=backend,
-            tensors=len(shapes),
-            numel=numel(shapes),
-            model_bytes=step_bytes(numel(shapes), dtype),
-        )
-        if backend != "reference":
-            progress(
-                f"{preset} {dtype_name}: checking {backend} against reference on "
-                f"{len(gate_shapes)} of {len(shapes)} tensors"
+    for variant in variants:
+        adaptive = bool(VARIANTS[variant].get("adaptive", False))
+        for backend in ["reference", *[b for b in backend_names if b != "reference"]]:
+            result = StepResult(
+                preset=preset,
+                device=str(device),
+                dtype=dtype_name,
+                backend=backend,
+                tensors=len(shapes),
+                numel=numel(shapes),
+                variant=variant,
+                model_bytes=step_bytes(numel(shapes), dtype, adaptive=adaptive),
             )
-            verdict = _check(gate_shapes, backend, device, dtype)
-            result.gate = verdict.detail
-            if not verdict:
-                result.status = f"FAILED: {verdict.detail}"
-                progress(f"{preset} {dtype_name}: {backend} FAILED the check, not timed ({verdict.detail})")
-        results.append(result)
-        gc.collect()
+            if backend != "reference":
+                progress(
+                    f"{preset} {dtype_name} {variant}: checking {backend} against reference on "
+                    f"{len(gate_shapes)} of {len(shapes)} tensors"
+                )
+                verdict = _check(gate_shapes, backend, device, dtype, variant)
+                result.gate = verdict.detail
+                if not verdict:
+                    result.status = f"FAILED: {verdict.detail}"
+                    progress(f"{preset} {dtype_name} {variant}: {backend} FAILED the check, not timed")
+            results.append(result)
+            gc.collect()
 
     params = make_params(shapes, device, dtype, seed=0)
-    timed = [r for r in results if r.ok]
-    optimizers = {r.backend: _optimizer(params, r.backend, NoBaseStep) for r in timed}
-    steps = {name: _full_step(opt) for name, opt in optimizers.items()}
-    for r in timed:  # the first call allocates each backend's state and workspaces
-        r.peak_first_call_bytes = peak_memory_bytes(steps[r.backend], device)
-    progress(f"{preset} {dtype_name}: timing {', '.join(optimizers)} interleaved")
-    timings = time_interleaved(
-        {name: [opt.first_step, opt.second_step] for name, opt in optimizers.items()}, device, budget
-    )
-    for r in timed:
-        (r.first, r.second), r.total = timings[r.backend]
-        r.peak_steady_bytes = peak_memory_bytes(steps[r.backend], device)
+    timed = {_key(r): r for r in results if r.ok}
+    phases: dict[str, list[Callable[[], None]]] = {}
+    for key, r in timed.items():
+        opt = _optimizer(params, r.backend, NoBaseStep, r.variant)
+        phases[key] = [opt.first_step, opt.second_step]
+    element = params[0].element_size()
+    for name, (cls, kwargs, elements) in ANCHORS.items():
+        anchor = StepResult(preset, str(device), dtype_name, name, len(shapes), numel(shapes), variant="")
+        anchor.model_bytes = elements * element * numel(shapes)
+        timed[name] = anchor
+        phases[name] = [cls(params, **kwargs).step]
+        results.append(anchor)
+    for key, r in timed.items():  # the first call allocates each backend's state and workspaces
+        r.peak_first_call_bytes = peak_memory_bytes(_in_sequence(phases[key]), device)
+    progress(f"{preset} {dtype_name}: timing {', '.join(phases)} interleaved")
+    timings = time_interleaved(phases, device, budget)
+    for key, r in timed.items():
+        per_phase, r.total = timings[key]
+        if len(per_phase) == 2:
+            r.first, r.second = per_phase
+        r.peak_steady_bytes = peak_memory_bytes(_in_sequence(phases[key]), device)
     return results
 
 
-def _full_step(opt: FriendlySAM) -> Callable[[], None]:
+def _key(result: StepResult) -> str:
+    return f"{result.backend}/{result.variant}"
+
+
+def _in_sequence(phases: Sequence[Callable[[], None]]) -> Callable[[], None]:
+    """One call that runs ``phases`` in order (a whole step)."""
+
     def step() -> None:
-        opt.first_step()
-        opt.second_step()
+        for phase in phases:
+            phase()
 
     return step

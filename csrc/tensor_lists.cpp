@@ -83,7 +83,8 @@ void check_lists(
       coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == static_cast<int64_t>(n) &&
           coef.size(1) == kCoefColumns && coef.is_contiguous(),
       op, ": coef must be a contiguous float32 tensor of shape [", n, ", ", kCoefColumns,
-      "] (rho, sigma, lmbda, adaptive per parameter), got ", coef.scalar_type(), " ", coef.sizes());
+      "] (rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta per parameter), got ", coef.scalar_type(), " ",
+      coef.sizes());
   if (lists_prechecked) {
     return;
   }

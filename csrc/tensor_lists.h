@@ -94,4 +94,17 @@ decltype(auto) dispatch_bool(bool flag, F&& f) {
   return f(std::false_type{});
 }
 
+// dispatch_bool over several flags: calls f(std::bool_constant<flags>{}...).
+template <typename F>
+decltype(auto) dispatch_bools(F&& f) {
+  return f();
+}
+
+template <typename F, typename... Flags>
+decltype(auto) dispatch_bools(F&& f, bool first, Flags... rest) {
+  return dispatch_bool(first, [&](auto head) {
+    return dispatch_bools([&](auto... tail) { return f(head, tail...); }, rest...);
+  });
+}
+
 }  // namespace fsam_fused

@@ -1,9 +1,13 @@
 """The per-group F-SAM hyperparameters: their checks and their table on each device.
 
-Kernels read a group's ``rho``, ``sigma``, ``lmbda`` and ``adaptive`` from an fp32
-``[groups, COEF_COLUMNS]`` device table (the plan turns it into one row per tensor), so a
-schedule that changes them between steps needs neither a new kernel nor a new CUDA graph:
-only the table's contents change.
+Kernels read a group's ``rho``, ``sigma``, ``lmbda``, ``adaptive``, ``adaptive_eta`` and
+``fisher_eta`` from an fp32 ``[groups, COEF_COLUMNS]`` device table (the plan turns it into
+one row per tensor), so a schedule that changes them between steps needs neither a new
+kernel nor a new CUDA graph: only the table's contents change.
+
+The two etas select the SAM variant of the normalisation operator T (DESIGN.md section 1):
+``adaptive_eta`` is ASAM's eta (T = |w| + eta where adaptive), ``fisher_eta`` Fisher SAM's
+(T^2 = 1 / (1 + fisher_eta * g^2)); both 0 is the plain (or plainly adaptive) update.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from torch import Tensor
 
 from .upload import Staging, capturing
 
-GROUP_KEYS = ("rho", "sigma", "lmbda", "adaptive")
-RHO, SIGMA, LMBDA, ADAPTIVE = range(4)
-COEF_COLUMNS = 4
+GROUP_KEYS = ("rho", "sigma", "lmbda", "adaptive", "adaptive_eta", "fisher_eta")
+# Columns of the table, shared with csrc/fsam_math.h and kernels/fsam_math.py.
+RHO, SIGMA, LMBDA, ADAPTIVE, ADAPTIVE_ETA, FISHER_ETA = range(6)
+COEF_COLUMNS = 6
 
 Row = tuple[float, ...]
 
@@ -36,25 +41,34 @@ def _real(name: str, value: Any, where: str) -> float:
     return value
 
 
-def check_values(where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any) -> Row:
+def check_values(
+    where: str, rho: Any, sigma: Any, lmbda: Any, adaptive: Any, adaptive_eta: Any, fisher_eta: Any
+) -> Row:
     """Validate one group's values and return its table row; errors name the argument."""
-    rho, sigma, lmbda = (_real(n, v, where) for n, v in (("rho", rho), ("sigma", sigma), ("lmbda", lmbda)))
-    if rho < 0:
-        raise ValueError(f"rho must be >= 0{where}, got {rho}")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0{where}, got {sigma}")
-    if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lmbda must lie in [0, 1]{where}, got {lmbda}")
+    reals = dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive_eta=adaptive_eta, fisher_eta=fisher_eta)
+    values = {name: _real(name, value, where) for name, value in reals.items()}
+    for name in ("rho", "sigma", "adaptive_eta", "fisher_eta"):
+        if values[name] < 0:
+            raise ValueError(f"{name} must be >= 0{where}, got {values[name]}")
+    if not 0.0 <= values["lmbda"] <= 1.0:
+        raise ValueError(f"lmbda must lie in [0, 1]{where}, got {values['lmbda']}")
     if not isinstance(adaptive, bool):
         raise TypeError(f"adaptive must be True or False{where}, got {adaptive!r}")
-    return (float(rho), float(sigma), float(lmbda), float(adaptive))
+    return (
+        float(values["rho"]),
+        float(values["sigma"]),
+        float(values["lmbda"]),
+        float(adaptive),
+        float(values["adaptive_eta"]),
+        float(values["fisher_eta"]),
+    )
 
 
 def group_row(index: int, group: dict[str, Any], *, with_momentum: bool) -> Row:
     """The checked table row of param group ``index``; SAM (no momentum) has sigma = lmbda = 0."""
     row = check_values(f" (param group {index})", *(group[k] for k in GROUP_KEYS))
     if not with_momentum:
-        row = (row[RHO], 0.0, 0.0, row[ADAPTIVE])
+        row = (row[RHO], 0.0, 0.0, *row[ADAPTIVE:])
     return row
 
 

@@ -17,6 +17,7 @@ optimizer re-plan (:meth:`FriendlySAM._replan`), with every check applied.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import amp, backends, distributed
-from .hparams import ADAPTIVE, GROUP_KEYS, GroupTable, Row, check_values, group_row
+from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, GroupTable, Row, check_values, group_row
 from .param_state import ParamState
 from .plan import DevicePlan, PlanCache, build_plan
 from .scan import Scan, make_scan
@@ -53,6 +54,7 @@ class _PendingStep:
     found_inf: Tensor | None = None
     plans: Plans = field(default_factory=list)
     momentum_saved: bool = False
+    steps_taken: int = 0  # completed steps, SAM or plain (for sam_interval)
 
     def start(self, found_inf: Tensor, plans: Plans, momentum_saved: bool) -> None:
         self.perturbed, self.found_inf, self.plans, self.momentum_saved = (
@@ -62,8 +64,9 @@ class _PendingStep:
             momentum_saved,
         )
 
-    def finish(self) -> None:
+    def finish(self, completed: bool = True) -> None:
         self.perturbed, self.found_inf, self.plans, self.momentum_saved = False, None, [], False
+        self.steps_taken += completed
 
 
 class _GroupsRef:
@@ -89,12 +92,19 @@ class FriendlySAM(torch.optim.Optimizer):
 
     Args:
         params: parameters or param-group dicts; groups may set ``rho``, ``sigma``,
-            ``lmbda`` and ``adaptive`` (changeable between steps).
+            ``lmbda``, ``adaptive``, ``adaptive_eta`` and ``fisher_eta`` (changeable between steps).
         base_optimizer: optimizer class used for the update at the perturbed point.
         rho: neighbourhood radius.
         sigma: weight of the gradient EMA subtracted from the gradient (0 is SAM).
         lmbda: EMA decay of the gradient momentum.
-        adaptive: ASAM's element-wise scaling by ``|p|``.
+        adaptive: ASAM's element-wise scaling by ``|p| + adaptive_eta``.
+        adaptive_eta: ASAM's eta (0 in the authors' F-SAM code and the common wrappers, 0.01
+            in the ASAM authors' code); used where ``adaptive``.
+        fisher_eta: Fisher SAM's eta: the perturbation is normalised by the diagonal Fisher
+            ``1 + fisher_eta * g^2`` of this step's gradient (0, the default, turns it off).
+        sam_interval: take the two-pass SAM step every ``sam_interval``-th step and a
+            :meth:`plain_step` (one forward/backward) on the others; :meth:`step` does this
+            itself, a hand-written loop asks :attr:`sam_due`. 1 (the default) is SAM every step.
         eps: added to the global norm before dividing.
         backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
         process_group: for parameters split over ranks as plain tensors (each element on
@@ -122,6 +132,9 @@ class FriendlySAM(torch.optim.Optimizer):
         lmbda: float = 0.9,
         adaptive: bool = False,
         *,
+        adaptive_eta: float = 0.0,
+        fisher_eta: float = 0.0,
+        sam_interval: int = 1,
         eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
@@ -129,6 +142,12 @@ class FriendlySAM(torch.optim.Optimizer):
         **base_optimizer_kwargs: Any,
     ) -> None:
         distributed.check_group("process_group", process_group)
+        if (
+            isinstance(sam_interval, bool)
+            or not isinstance(sam_interval, numbers.Integral)
+            or not sam_interval >= 1
+        ):
+            raise ValueError(f"sam_interval must be an integer >= 1, got {sam_interval!r}")
         distributed.check_group("replica_group", replica_group)
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError(
@@ -137,9 +156,17 @@ class FriendlySAM(torch.optim.Optimizer):
             )
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        check_values("", rho, sigma, lmbda, adaptive)
+        check_values("", rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta)
         self._base_built = False
-        defaults = dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive, **base_optimizer_kwargs)
+        defaults = dict(
+            rho=rho,
+            sigma=sigma,
+            lmbda=lmbda,
+            adaptive=adaptive,
+            adaptive_eta=adaptive_eta,
+            fisher_eta=fisher_eta,
+            **base_optimizer_kwargs,
+        )
         super().__init__(params, defaults)
         base = base_optimizer(self.param_groups, **base_optimizer_kwargs)
         if not isinstance(base, torch.optim.Optimizer):
@@ -148,6 +175,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self.param_groups = base.param_groups
         self._base_built = True
         self.eps = float(eps)
+        self.sam_interval = int(sam_interval)
         self.process_group = process_group
         self.replica_group = replica_group
         self.state = ParamState()
@@ -193,7 +221,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self._reset_step_cache()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its missing ``rho``/``sigma``/``lmbda``/``adaptive`` take the defaults."""
+        """Add a group; its missing F-SAM values (``rho``, ``sigma``, ...) take the defaults."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if self._base_built and self._pending.perturbed:
@@ -243,7 +271,8 @@ class FriendlySAM(torch.optim.Optimizer):
         self._step_plans: Plans = []
         self._param_ptrs: tuple[int, ...] | None = None
         self._norm_groups: tuple[dist.ProcessGroup, ...] = ()
-        self._pending = _PendingStep()
+        previous = self.__dict__.get("_pending")
+        self._pending = _PendingStep(steps_taken=previous.steps_taken if previous is not None else 0)
         if isinstance(self.state, ParamState):
             self.state.dirty = True
 
@@ -390,58 +419,8 @@ class FriendlySAM(torch.optim.Optimizer):
         ``scaler.unscale_`` before this): they are unscaled on the fly as they are read.
         Pass the same scaler to :meth:`second_step`.
         """
-        if self._pending.perturbed:
-            raise RuntimeError(
-                "first_step() was called twice without second_step(); the order is "
-                "first_step(), a second forward/backward, then second_step() (or abort_step() "
-                "to put the parameters back after a failed second pass)"
-            )
-        inv_scale = None
-        if grad_scaler is not None:
-            amp.check_first_pass_scaled(grad_scaler, self)
-            inv_scale = amp.inverse_scale(grad_scaler)
-        if torch.compiler.is_compiling():
-            # No group value is read in traced code (see GroupTable.refresh), except
-            # ``adaptive``, which decides the ops of the torch backend.
-            rows, adaptive = None, [group["adaptive"] for group in self._groups_ref.groups]
-            plans, traced_grads = self._traced_plans()
-            source = None
-        else:
-            rows = self._group_rows()
-            adaptive = tuple(bool(row[ADAPTIVE]) for row in rows)
-            lists = self._param_lists()
-            if (
-                self._scan is None
-                or self.state is not getattr(self, "_bound_state", None)
-                or self.state.dirty
-            ):
-                self._replan(lists)
-            elif self._scan.scan(lists):
-                self._replan(lists)
-            self._bound_state = self.state
-            plans, traced_grads, source = self._step_plans, None, self._scan
-        if grad_scaler is not None:
-            for state in self._flat.devices.values():
-                state.save_momentum()
-        main = self._main_device()
-        total = torch.zeros((), dtype=torch.float32, device=main)
-        for index, (backend, plan) in enumerate(plans):
-            plan.attach(source, self._table(plan.device).refresh(rows), rows or (), adaptive, self.eps)
-            if traced_grads is not None:
-                plan.grads = traced_grads[index]
-            plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
-            total = total + backend.sq_norm(plan).to(main)
-        total = distributed.all_reduce_sum_(total, self._norm_groups)
-        if self.replica_group is not None:
-            total = distributed.nonfinite_if_any_rank(total, self.replica_group)
-        step_ok = torch.isfinite(total)
-        for backend, plan in plans:
-            backend.perturb_(plan, total.to(plan.device))
-            plan.mark_seeded(step_ok.to(device=plan.device, dtype=torch.float32))
-            plan.release()
-        if source is not None:
-            source.release()
-        self._pending.start((~step_ok).float(), plans, momentum_saved=grad_scaler is not None)
+        self._check_not_pending("first_step()")
+        self._perturb(grad_scaler, plain=False)
         if zero_grad:
             self.zero_grad()
 
@@ -461,6 +440,96 @@ class FriendlySAM(torch.optim.Optimizer):
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
             )
+        self._complete(zero_grad, grad_scaler)
+
+    @torch.no_grad()
+    def plain_step(self, zero_grad: bool = False, *, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """A step without the perturbation: the base optimizer steps on this iteration's gradient.
+
+        For the iterations between SAM steps when ``sam_interval > 1`` (see :attr:`sam_due`):
+        one forward/backward, then ``plain_step()``. The momentum EMA takes this gradient as a
+        SAM step's first pass would (``m <- lmbda m + (1 - lmbda) g``, seeding where unseeded),
+        so it keeps averaging every iteration's gradient; the parameters are not perturbed.
+        A non-finite gradient skips it whole, as a SAM step. With ``grad_scaler``, as
+        :meth:`second_step` (the gradients are unscaled once; ``scaler.update()`` is the caller's).
+        """
+        self._check_not_pending("plain_step()")
+        self._perturb(grad_scaler, plain=True)
+        self._complete(zero_grad, grad_scaler)
+
+    @property
+    def sam_due(self) -> bool:
+        """Whether the next step should be a SAM step (``first_step`` ... ``second_step``) rather than
+        a :meth:`plain_step`: every ``sam_interval``-th step is, counting from the first."""
+        return self._pending.steps_taken % self.sam_interval == 0
+
+    def _check_not_pending(self, what: str) -> None:
+        if self._pending.perturbed:
+            raise RuntimeError(
+                f"{what} was called between first_step() and second_step(); the order is "
+                "first_step(), a second forward/backward, then second_step() (or abort_step() "
+                "to put the parameters back after a failed second pass)"
+            )
+
+    def _perturb(self, grad_scaler: torch.amp.GradScaler | None, *, plain: bool) -> None:
+        """The first half of a step: EMA of the momentum, backup, ``p <- p + e`` (``e = 0`` when
+        ``plain``); leaves what the second half needs in ``self._pending``."""
+        inv_scale = None
+        if grad_scaler is not None:
+            amp.check_first_pass_scaled(grad_scaler, self)
+            inv_scale = amp.inverse_scale(grad_scaler)
+        if torch.compiler.is_compiling():
+            # No group value is read in traced code (see GroupTable.refresh), except
+            # ``adaptive``, which decides the ops of the torch backend; it runs the Fisher ops
+            # for every group here (exact when fisher_eta is 0), so fisher_eta is not read either.
+            groups = self._groups_ref.groups
+            rows, adaptive, fisher = None, [group["adaptive"] for group in groups], [True] * len(groups)
+            plans, traced_grads = self._traced_plans()
+            source = None
+        else:
+            rows = self._group_rows()
+            adaptive = [row[ADAPTIVE] != 0 for row in rows]
+            fisher = [row[FISHER_ETA] != 0 for row in rows]
+            lists = self._param_lists()
+            if (
+                self._scan is None
+                or self.state is not getattr(self, "_bound_state", None)
+                or self.state.dirty
+            ):
+                self._replan(lists)
+            elif self._scan.scan(lists):
+                self._replan(lists)
+            self._bound_state = self.state
+            plans, traced_grads, source = self._step_plans, None, self._scan
+        if grad_scaler is not None:
+            for state in self._flat.devices.values():
+                state.save_momentum()
+        main = self._main_device()
+        total = torch.zeros((), dtype=torch.float32, device=main)
+        for index, (backend, plan) in enumerate(plans):
+            plan.attach(
+                source, self._table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
+            )
+            if plain:
+                plan.coef[:, RHO] = 0.0  # this step's copy of the table: e = 0, the EMA as usual
+            if traced_grads is not None:
+                plan.grads = traced_grads[index]
+            plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
+            total = total + backend.sq_norm(plan).to(main)
+        total = distributed.all_reduce_sum_(total, self._norm_groups)
+        if self.replica_group is not None:
+            total = distributed.nonfinite_if_any_rank(total, self.replica_group)
+        step_ok = torch.isfinite(total)
+        for backend, plan in plans:
+            backend.perturb_(plan, total.to(plan.device))
+            plan.mark_seeded(step_ok.to(device=plan.device, dtype=torch.float32))
+            plan.release()
+        if source is not None:
+            source.release()
+        self._pending.start((~step_ok).float(), plans, momentum_saved=grad_scaler is not None)
+
+    def _complete(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
+        """The second half of a step: restore the parameters, then the base optimizer's step."""
         for backend, plan in self._pending.plans:
             backend.restore_(plan)
         found_inf = self._pending.found_inf
@@ -472,7 +541,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self._skipped += found_inf.to(self._skipped.device)
         self._pending.finish()
         # LR schedulers attached to this optimizer check this flag to confirm that a step
-        # ran before theirs; second_step is where our step completes.
+        # ran before theirs; a step completes here.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
@@ -493,7 +562,7 @@ class FriendlySAM(torch.optim.Optimizer):
         if pending.momentum_saved:
             for device, state in self._flat.devices.items():
                 state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
-        pending.finish()
+        pending.finish(completed=False)
 
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
@@ -519,17 +588,36 @@ class FriendlySAM(torch.optim.Optimizer):
         Call it after the first forward/backward, as with the authors' optimizer; the
         closure runs with gradients enabled and its return value is returned. If the
         closure raises, the parameters are put back (:meth:`abort_step`) before the
-        exception propagates.
+        exception propagates. With ``sam_interval > 1``, the steps in between are
+        :meth:`plain_step` s: the closure is not called, and None is returned.
         """
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that runs the forward and "
-                "backward pass at the perturbed point; or call first_step() and second_step()"
+                "backward pass at the perturbed point; or call first_step() and second_step() "
+                "(docs/training_loops.md shows both with Lightning, Accelerate and timm)"
             )
+        if not self.sam_due:
+            self.plain_step(zero_grad=True)
+            return None
         self.first_step(zero_grad=True)
+        if not self._pending.plans:
+            self.abort_step()
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure) found no gradient: run the first forward and "
+                "backward before step() (with PyTorch Lightning, turn automatic optimisation off: "
+                "self.automatic_optimization = False; see docs/training_loops.md)"
+            )
         try:
             with torch.enable_grad():
                 loss = closure()
+            # ``any`` stops at the first gradient: O(1) unless the closure made none.
+            if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+                raise RuntimeError(
+                    f"the closure passed to {type(self).__name__}.step() ran no backward pass: it must "
+                    "run the forward and backward at the perturbed point (e.g. loss_fn(model(x), y)"
+                    ".backward()) and return the loss"
+                )
         except BaseException:
             self.abort_step()
             raise
@@ -559,6 +647,7 @@ class FriendlySAM(torch.optim.Optimizer):
         state_dict["fsam_fused"] = {
             "skipped_steps": self._skipped.clone(),
             "base_stepped": self._base_stepped,
+            "steps_taken": self._pending.steps_taken,
         }
         return state_dict
 
@@ -601,11 +690,12 @@ class FriendlySAM(torch.optim.Optimizer):
         )
         self._base_stepped = bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0))
         self._reset_step_cache()
+        self._pending.steps_taken = int(extra.get("steps_taken", 0))
         self._sync_state(self._param_lists())
 
     # -------------------------------------------------------- copy and pickle
-    _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "_backend", "_skipped", "_base_found_inf",
-                "_base_stepped", "_base_built")  # fmt: skip
+    _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "sam_interval", "_backend", "_skipped",
+                "_base_found_inf", "_base_stepped", "_base_built")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         if self._pending.perturbed:
@@ -620,23 +710,27 @@ class FriendlySAM(torch.optim.Optimizer):
             )
         state = {key: self.__dict__[key] for key in self._PICKLED}
         state["state"] = {p: dict(entry) for p, entry in self.state.items()}
+        state["steps_taken"] = self._pending.steps_taken
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         entries = state.pop("state")
+        steps_taken = state.pop("steps_taken", 0)
         super().__setstate__(state)
         self.process_group = self.replica_group = None
         self.state = ParamState(entries)
         if self._base_found_inf is not None:
             self.base_optimizer.found_inf = self._base_found_inf
         self._reset_step_cache()
+        self._pending.steps_taken = steps_taken
 
 
 class SAM(FriendlySAM):
     """Sharpness-Aware Minimization (Foret et al., ICLR 2021), fused.
 
     A drop-in for the widely used PyTorch ``SAM`` wrapper: F-SAM with ``sigma = 0``,
-    keeping no momentum at all. ``adaptive=True`` is ASAM.
+    keeping no momentum at all. ``adaptive=True`` is ASAM (with ``adaptive_eta``, ASAM as
+    its authors run it); ``fisher_eta > 0`` is Fisher SAM.
     """
 
     _uses_momentum = False
@@ -648,6 +742,9 @@ class SAM(FriendlySAM):
         rho: float = 0.05,
         adaptive: bool = False,
         *,
+        adaptive_eta: float = 0.0,
+        fisher_eta: float = 0.0,
+        sam_interval: int = 1,
         eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
@@ -661,6 +758,9 @@ class SAM(FriendlySAM):
             sigma=0.0,
             lmbda=0.0,
             adaptive=adaptive,
+            adaptive_eta=adaptive_eta,
+            fisher_eta=fisher_eta,
+            sam_interval=sam_interval,
             eps=eps,
             backend=backend,
             process_group=process_group,

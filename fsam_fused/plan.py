@@ -9,9 +9,11 @@ the gradients and the coefficient table refreshed, so a backend never walks
 
 Coefficient table ``coef`` (fp32, one row per tensor, on the plan's device): the tensor's
 group's row of the group table (:mod:`fsam_fused.hparams`: ``rho``, ``sigma``, ``lmbda``,
-``adaptive``), with ``lmbda`` set to 0 for tensors whose momentum is not seeded yet. With
-the momentum of an unseeded tensor kept at zero, the one formula of DESIGN.md section 1
-then covers the first step as well: ``d = g - sigma * 0 = g`` and ``m <- 0 * m + g``.
+``adaptive`` (0 or 1), ``adaptive_eta`` and ``fisher_eta``; the column constants are shared
+with csrc/fsam_math.h and the Triton kernels), with ``lmbda`` set to 0 for tensors whose
+momentum is not seeded yet. With the momentum of an unseeded tensor kept at zero, the one
+formula of DESIGN.md section 1 then covers the first step as well: ``d = g - sigma * 0 = g``
+and ``m <- 0 * m + g``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .hparams import ADAPTIVE, COEF_COLUMNS, LMBDA, RHO, SIGMA, Row
+from .hparams import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA, Row
 from .scan import Scan
 from .state import DeviceState
 from .upload import Staging
 
-__all__ = ["ADAPTIVE", "COEF_COLUMNS", "LMBDA", "RHO", "SIGMA", "DevicePlan", "PlanCache", "build_plan"]
+__all__ = [
+    "ADAPTIVE",
+    "ADAPTIVE_ETA",
+    "COEF_COLUMNS",
+    "FISHER_ETA",
+    "LMBDA",
+    "RHO",
+    "SIGMA",
+    "DevicePlan",
+    "PlanCache",
+    "build_plan",
+]
 
 # Plans kept for reuse. Each holds per-tensor lists and small device tables (no model-sized
 # buffer: the torch backend's work buffer is shared per device), so a bounded number keeps
@@ -52,7 +65,8 @@ class DevicePlan:
       coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step.
       group_positions: ``(group_index, positions in this plan)`` pairs, for backends that work per group.
       group_rows: host copies of each group's table row (empty inside ``torch.compile``).
-      group_adaptive: each group's ``adaptive`` flag, which decides the ops of some backends.
+      group_adaptive, group_fisher: whether each group is adaptive, and whether it may use
+        Fisher SAM (``fisher_eta`` not known to be 0), which decide the ops of some backends.
       eps: the constant added to the norm.
       inv_scale: optional fp32 0-dim device tensor multiplied into every gradient
         element as it is read (an inverse loss scale), or None.
@@ -74,6 +88,7 @@ class DevicePlan:
     coef: Tensor | None = None
     group_rows: Sequence[Row] = ()
     group_adaptive: Sequence[bool] = ()
+    group_fisher: Sequence[bool] = ()
     eps: float = 1e-12
     inv_scale: Tensor | None = None
     source: Scan | None = None
@@ -105,11 +120,13 @@ class DevicePlan:
         group_table: Tensor,
         group_rows: Sequence[Row],
         group_adaptive: Sequence[bool],
+        group_fisher: Sequence[bool],
         eps: float,
     ) -> None:
         """Hand the plan this step's gradients (held by ``source``) and coefficients (no host sync)."""
         self.source, self.grads = source, None
-        self.group_rows, self.group_adaptive, self.eps = group_rows, group_adaptive, eps
+        self.group_rows, self.eps = group_rows, eps
+        self.group_adaptive, self.group_fisher = group_adaptive, group_fisher
         coef = group_table.index_select(0, self.group_of)
         coef[:, LMBDA] *= self.state.seeded.index_select(0, self.slots)
         self.coef = coef

@@ -100,7 +100,7 @@ class DeviceState:
         )
         self._backup: list[Tensor] | None = None
         self.backup_flat: dict[torch.dtype, Tensor] = {}
-        self._scratch: Tensor | None = None
+        self._scratch: dict[int, Tensor] = {}
 
     @property
     def backup(self) -> list[Tensor]:
@@ -115,13 +115,17 @@ class DeviceState:
             self._backup = [view_like(self.backup_flat[p.dtype], offsets[p], p) for p in self.params]
         return self._backup
 
-    def scratch(self, numel: int) -> Tensor:
-        """A flat fp32 work buffer of at least ``numel`` elements, shared by every plan of this
-        device (only one plan per backend runs at a time), grown to the largest plan once."""
-        if self._scratch is None or self._scratch.numel() < numel:
+    def scratch(self, numel: int, index: int = 0) -> Tensor:
+        """Flat fp32 work buffer ``index``, of at least ``numel`` elements, shared by every plan
+        of this device (only one plan per backend runs at a time); sized for all its parameters
+        on first use, so it is allocated once."""
+        buffer = self._scratch.get(index)
+        if buffer is None or buffer.numel() < numel:
             total = sum(p.numel() for p in self.params)
-            self._scratch = torch.empty(max(numel, total), dtype=torch.float32, device=self.device)
-        return self._scratch
+            buffer = self._scratch[index] = torch.empty(
+                max(numel, total), dtype=torch.float32, device=self.device
+            )
+        return buffer
 
     def matches(self, params: list[Tensor]) -> bool:
         """Whether this state was built for exactly ``params``, as they are laid out now.

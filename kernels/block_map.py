@@ -20,7 +20,8 @@ from ..upload import Staging
 # a large model gives every SM several programs and the last wave is short.
 CHUNK = 1 << 14
 
-ENTRY = 3
+# int64s per entry: the row stride of the map.
+ENTRY = tl.constexpr(3)
 
 
 def chunk_entries(numels: list[int], indices: list[int], chunk: int = CHUNK) -> list[list[int]]:
@@ -35,7 +36,7 @@ def chunk_entries(numels: list[int], indices: list[int], chunk: int = CHUNK) -> 
 def build_block_map(numels: list[int], indices: list[int], device: torch.device, staging: Staging) -> Tensor:
     """The int64 ``[chunks, 3]`` map of the tensors at ``indices`` on ``device`` (via ``staging``)."""
     entries = chunk_entries(numels, indices)
-    block_map = torch.empty((len(entries), ENTRY), dtype=torch.int64, device=device)
+    block_map = torch.empty((len(entries), ENTRY.value), dtype=torch.int64, device=device)
     if entries:
         staging.upload(entries, block_map)
     return block_map
@@ -50,5 +51,5 @@ def load_entry(block_map, c):
     rather than 56 per thread in the fp32 perturb kernel) and halved occupancy. The
     start stays int64 for tensors of more than 2**31 elements.
     """
-    entry = block_map + c * 3
+    entry = block_map + c * ENTRY
     return tl.load(entry), tl.load(entry + 1), tl.load(entry + 2).to(tl.int32)

@@ -1,4 +1,4 @@
-"""What every kernel wrapper shares: element types, the interpreter switch, launch configs.
+"""What every kernel wrapper shares: element types, the interpreter switch, how kernels launch.
 
 Under ``TRITON_INTERPRET=1`` Triton runs kernels on the CPU in Python (how CI tests
 them). Whether it does is fixed when ``@triton.jit`` decorates a kernel, that is when
@@ -32,43 +32,28 @@ class LaunchConfig:
     num_warps: int
 
 
-# Streaming kernels saturate memory bandwidth over a wide range of block sizes; these
-# are the candidates for autotuning, and the first is the fixed choice where a kernel
-# cannot be autotuned. The interpreter runs each program in Python, where a few
-# iterations of a mid-sized block keep the loops exercised without dragging.
-GPU_CONFIGS = (LaunchConfig(2048, 8), LaunchConfig(1024, 4), LaunchConfig(4096, 8))
-FIXED_CONFIG = LaunchConfig(4096, 1) if INTERPRETED else GPU_CONFIGS[0]
+# One launch configuration per kernel, never autotuned: a tuner synchronises and allocates
+# scratch memory on first use (fatal inside a CUDA-graph capture or under
+# torch.cuda.set_sync_debug_mode("error")), and the block size fixes the order in which a
+# norm is summed, which a tuner would pick afresh in every process. Streaming kernels
+# saturate memory bandwidth over a wide range of block sizes. The interpreter runs each
+# program in Python, where a few iterations of a mid-sized block keep the loops exercised
+# without dragging.
+FIXED_CONFIG = LaunchConfig(4096, 1) if INTERPRETED else LaunchConfig(2048, 8)
+
+# Options of every compiled kernel. No fp fusion: the compiler would contract a * b + c
+# into one FMA with one rounding, while the native build (-ffp-contract=off, --fmad=false)
+# and the interpreter round twice; without it the backends agree bit for bit.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 Launcher = Callable[..., None]
 
 
-def autotuned(kernel: triton.JITFunction, key: list[str]) -> Launcher:
-    """``launch(grid, *args, **constexprs)`` for a kernel whose reruns are harmless.
-
-    On the GPU the block size and warps are tuned once per ``key`` (the first launch
-    times every candidate, which synchronises); the interpreter takes the fixed config.
-    The autotuner is built on the first GPU launch, so importing the kernels does no work
-    that may need a GPU driver.
-    """
-    tuned: list = []
+def fixed(kernel: triton.JITFunction, config: LaunchConfig = FIXED_CONFIG) -> Launcher:
+    """``launch(grid, *args, **constexprs)`` with the one ``config`` and :data:`COMPILE_OPTIONS`."""
 
     def launch(grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
-        if INTERPRETED:
-            fixed(kernel)(grid, *args, **constexprs)
-            return
-        if not tuned:
-            configs = [triton.Config({"BLOCK": c.block}, num_warps=c.num_warps) for c in GPU_CONFIGS]
-            tuned.append(triton.autotune(configs=configs, key=key)(kernel))
-        tuned[0][grid](*args, **constexprs)
-
-    return launch
-
-
-def fixed(kernel: triton.JITFunction) -> Launcher:
-    """``launch(grid, *args, **constexprs)`` with the one config of :data:`FIXED_CONFIG`."""
-
-    def launch(grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
-        kernel[grid](*args, **constexprs, BLOCK=FIXED_CONFIG.block, num_warps=FIXED_CONFIG.num_warps)
+        kernel[grid](*args, **constexprs, BLOCK=config.block, num_warps=config.num_warps, **COMPILE_OPTIONS)
 
     return launch

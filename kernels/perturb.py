@@ -1,15 +1,12 @@
 """``perturb_``: one pass per element that saves, updates momentum and perturbs.
 
-Per element of a tensor with coefficients ``rho, sigma, lmbda, adaptive``:
-``backup <- p``; ``g = grad * inv_scale``; ``d = g - sigma * m``;
-``m <- lmbda * m + (1 - lmbda) * g``; ``p <- p + (p * p if adaptive else 1) * d * scale``
-with ``scale = rho / (sqrt(total) + eps)`` computed in every program from the total in
-device memory. When the total is not finite the stores of ``m`` and ``p`` are masked
-off, so they stay bit-identical (multiplying by a zero flag would not: 0 * inf is NaN);
-the backup is written either way so that ``restore_`` stays unconditional.
-
-Not autotuned: the kernel updates in place, and Triton can restore only tensors passed
-as arguments between tuning runs, not those reached through the tensor table.
+Per element of a tensor with coefficients ``rho, sigma, lmbda`` and normalisation ``T``
+(``adaptive, adaptive_eta, fisher_eta``; see fsam_math.py): ``backup <- p``;
+``g = grad * inv_scale``; ``d = g - sigma * m``; ``m <- lmbda * m + (1 - lmbda) * g``;
+``p <- p + (T^2 d) * scale`` with ``scale = rho / (sqrt(total) + eps)`` computed in every
+program from the total in device memory. When the total is not finite the stores of ``m``
+and ``p`` are masked off, so they stay bit-identical (multiplying by a zero flag would not:
+0 * inf is NaN); the backup is written either way so that ``restore_`` stays unconditional.
 """
 
 from __future__ import annotations
@@ -19,8 +16,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .block_map import load_entry
-from .coef import load_coef
 from .common import fixed
+from .fsam_math import direction, ema, perturbed, read_coef, step_scale
 from .plan_arrays import PlanArrays
 from .tensor_table import element_ptr, load_addresses
 from .vector import aligned_ptr, vectorizable, whole_vectors
@@ -39,6 +36,8 @@ def _perturb_chunk(
     sigma,
     lmbda,
     adaptive,
+    adaptive_eta,
+    fisher_eta,
     ELEMENT: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     HAS_INV_SCALE: tl.constexpr,
@@ -56,11 +55,10 @@ def _perturb_chunk(
         d = g
         if HAS_MOMENTUM:
             m = tl.load(m_ptr + idx, mask=update, other=0.0)
-            d = g - sigma * m
-            tl.store(m_ptr + idx, m * lmbda + g * (1.0 - lmbda), mask=update)
-        p = p_stored.to(tl.float32)
-        weight = tl.where(adaptive, p * p, 1.0)
-        tl.store(p_ptr + idx, (p + weight * d * scale).to(ELEMENT), mask=update)
+            d = direction(g, m, sigma)
+            tl.store(m_ptr + idx, ema(m, g, lmbda), mask=update)
+        p = perturbed(p_stored.to(tl.float32), g, d, scale, adaptive, adaptive_eta, fisher_eta)
+        tl.store(p_ptr + idx, p.to(ELEMENT), mask=update)
 
 
 @triton.jit
@@ -79,27 +77,27 @@ def _perturb_kernel(
 ):
     c = tl.program_id(0)
     t, start, count = load_entry(block_map, c)
-    rho, sigma, lmbda, adaptive = load_coef(coef, t)
+    rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta = read_coef(coef, t)
     total = tl.load(total_sq_norm)
     ok = tl.abs(total) < float("inf")  # False for NaN too
     # Stores of m and p reach elements below this bound only (see sq_norm.py on why a bound).
     update_limit = tl.where(ok, count, 0)
-    scale = tl.div_rn(rho, tl.sqrt_rn(total) + eps)
+    scale = step_scale(total, rho, eps)
     unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
     p, g, m, b = load_addresses(table, n, t)
     if vectorizable(p | g | m | b, start, count):
         _perturb_chunk(
             aligned_ptr(p, start, ELEMENT), aligned_ptr(g, start, ELEMENT),
             aligned_ptr(m, start, tl.float32), aligned_ptr(b, start, ELEMENT),
-            whole_vectors(count), whole_vectors(update_limit), scale, unscale, sigma, lmbda, adaptive,
-            ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+            whole_vectors(count), whole_vectors(update_limit), scale, unscale,
+            sigma, lmbda, adaptive, adaptive_eta, fisher_eta, ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
         )  # fmt: skip
     else:
         _perturb_chunk(
             element_ptr(p, start, ELEMENT), element_ptr(g, start, ELEMENT),
             element_ptr(m, start, tl.float32), element_ptr(b, start, ELEMENT),
-            count, update_limit, scale, unscale, sigma, lmbda, adaptive,
-            ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+            count, update_limit, scale, unscale,
+            sigma, lmbda, adaptive, adaptive_eta, fisher_eta, ELEMENT, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
         )  # fmt: skip
 
 

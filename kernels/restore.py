@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .block_map import load_entry
-from .common import autotuned
+from .common import fixed
 from .plan_arrays import PlanArrays
 from .tensor_table import BACKUP, PARAM, element_ptr, tensor_address
 from .vector import aligned_ptr, vectorizable, whole_vectors
@@ -36,8 +36,7 @@ def _restore_kernel(table, n, block_map, ELEMENT: tl.constexpr, BLOCK: tl.conste
         _restore_chunk(p_ptr, b_ptr, count, BLOCK)
 
 
-# Copying p <- backup again gives the same result, so tuning runs are harmless.
-_launch = autotuned(_restore_kernel, key=["ELEMENT"])
+_launch = fixed(_restore_kernel)
 
 
 def restore_(arrays: PlanArrays) -> None:

@@ -1,11 +1,11 @@
-"""``sq_norm``: the fp32 sum over a plan of ``||a * d||^2``, reduced on the device.
+"""``sq_norm``: the fp32 sum over a plan of ``||T d||^2``, reduced on the device.
 
 Two stages, as in apex's ``multi_tensor_l2norm``: every chunk of the block map writes
 its partial sum to its own slot, then one program adds the slots up in a fixed order.
 No atomics, so the result is the same bit for bit on every run.
 
-Per element: ``g = grad * inv_scale``, ``d = g - sigma * m``, ``a = |p|`` if the tensor's
-group is adaptive else 1. ``m`` is read only where ``sigma != 0`` and ``p`` only where
+Per element: ``g = grad * inv_scale``, ``d = g - sigma * m`` and the term ``(T d)^2`` of
+``fsam_math.norm_term``. ``m`` is read only where ``sigma != 0`` and ``p`` only where
 adaptive: masked-off loads cost no memory traffic. (The masks are bounds, ``idx < limit``,
 rather than ``inside & flag``: the interpreter of Triton 3.8 cannot ``&`` a block mask
 with a scalar flag.)
@@ -18,13 +18,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .block_map import load_entry
-from .coef import load_coef
-from .common import fixed
+from .common import LaunchConfig, fixed
+from .fsam_math import direction, norm_term, read_coef
 from .plan_arrays import PlanArrays
 from .tensor_table import element_ptr, load_addresses
 from .vector import aligned_ptr, vectorizable, whole_vectors
-
-_SUM_BLOCK = 1024
 
 
 @triton.jit
@@ -37,6 +35,9 @@ def _partial_sum(
     p_limit,
     unscale,
     sigma,
+    adaptive,
+    adaptive_eta,
+    fisher_eta,
     HAS_MOMENTUM: tl.constexpr,
     HAS_INV_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -44,14 +45,14 @@ def _partial_sum(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, count, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        d = tl.load(g_ptr + idx, mask=idx < count, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=idx < count, other=0.0).to(tl.float32)
         if HAS_INV_SCALE:
-            d = d * unscale
+            g = g * unscale
+        d = g
         if HAS_MOMENTUM:
-            d = d - sigma * tl.load(m_ptr + idx, mask=idx < m_limit, other=0.0)
-        a = tl.abs(tl.load(p_ptr + idx, mask=idx < p_limit, other=1.0).to(tl.float32))
-        ad = a * d
-        acc += ad * ad
+            d = direction(g, tl.load(m_ptr + idx, mask=idx < m_limit, other=0.0), sigma)
+        p = tl.load(p_ptr + idx, mask=idx < p_limit, other=0.0).to(tl.float32)
+        acc += norm_term(p, g, d, adaptive, adaptive_eta, fisher_eta)
     return tl.sum(acc, axis=0)
 
 
@@ -70,7 +71,7 @@ def _partials_kernel(
 ):
     c = tl.program_id(0)
     t, start, count = load_entry(block_map, c)
-    _, sigma, _, adaptive = load_coef(coef, t)
+    _, sigma, _, adaptive, adaptive_eta, fisher_eta = read_coef(coef, t)
     unscale = tl.load(inv_scale) if HAS_INV_SCALE else 1.0
     p, g, m, _ = load_addresses(table, n, t)
     m_limit = tl.where(sigma != 0, count, 0)
@@ -78,13 +79,14 @@ def _partials_kernel(
     if vectorizable(p | g | m, start, count):
         partial = _partial_sum(
             aligned_ptr(p, start, ELEMENT), aligned_ptr(g, start, ELEMENT), aligned_ptr(m, start, tl.float32),
-            whole_vectors(count), whole_vectors(m_limit), whole_vectors(p_limit), unscale, sigma,
-            HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+            whole_vectors(count), whole_vectors(m_limit), whole_vectors(p_limit), unscale,
+            sigma, adaptive, adaptive_eta, fisher_eta, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
         )  # fmt: skip
     else:
         partial = _partial_sum(
             element_ptr(p, start, ELEMENT), element_ptr(g, start, ELEMENT), element_ptr(m, start, tl.float32),
-            count, m_limit, p_limit, unscale, sigma, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
+            count, m_limit, p_limit, unscale,
+            sigma, adaptive, adaptive_eta, fisher_eta, HAS_MOMENTUM, HAS_INV_SCALE, BLOCK,
         )  # fmt: skip
     tl.store(partials + c, partial)
 
@@ -98,15 +100,12 @@ def _sum_kernel(values, count, out, BLOCK: tl.constexpr):
     tl.store(out, tl.sum(acc, axis=0))
 
 
-# Not autotuned: the block size and warps fix the order in which a chunk's elements are
-# summed, and a tuner picks its winner by timing, afresh in every process, so the norm's
-# last bits (and the perturbed point) could differ between runs or between a run and
-# its resumption.
 _launch_partials = fixed(_partials_kernel)
+_launch_sum = fixed(_sum_kernel, LaunchConfig(1024, 4))
 
 
 def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Tensor) -> None:
-    """Write ``sum ||a * d||^2`` over the plan described by ``arrays`` into the 0-dim ``out``."""
+    """Write ``sum ||T d||^2`` over the plan described by ``arrays`` into the 0-dim ``out``."""
     for segment in arrays.segments:
         _launch_partials(
             (segment.chunks,),
@@ -120,4 +119,4 @@ def sq_norm(arrays: PlanArrays, coef: Tensor, inv_scale: Tensor | None, out: Ten
             HAS_MOMENTUM=arrays.has_momentum,
             HAS_INV_SCALE=inv_scale is not None,
         )
-    _sum_kernel[(1,)](arrays.partials, arrays.partials.numel(), out, BLOCK=_SUM_BLOCK, num_warps=4)
+    _launch_sum((1,), arrays.partials, arrays.partials.numel(), out)

@@ -17,19 +17,13 @@ import torch
 from torch import Tensor
 
 import fsam_fused
-from benchmarks.agreement import TOLERANCES as AGREEMENT_TOLERANCES
-from fsam_fused import SAM, FriendlySAM
+from fsam_fused import SAM, FriendlySAM, testing
+from fsam_fused.hparams import ADAPTIVE, FISHER_ETA
 
-# The fast backends that run on CPU tensors here (triton runs on the CPU only under its
-# interpreter, which its own tests set up), and the same with the reference loop.
-CPU_FAST_BACKENDS = [b for b in fsam_fused.available_backends() if b not in ("reference", "triton")]
-CPU_BACKENDS = ["reference", *CPU_FAST_BACKENDS]
-
-# Tolerances by parameter dtype for comparisons against the reference loop: the same table
-# the benchmark suite's correctness gate uses. fp32: both sides compute in fp32 but in a
-# different order (stacked per-tensor norms vs block partials). Half types: one rounding of
-# ``p + e`` may land one ulp apart, and that difference is carried through later steps.
-TOLERANCES = {**AGREEMENT_TOLERANCES, torch.float64: AGREEMENT_TOLERANCES[torch.float32]}
+# The backends that run on CPU tensors in this process, the reference first: triton only in a
+# process started with TRITON_INTERPRET=1 (tests/test_triton_interpreter_run.py starts one).
+CPU_BACKENDS = [n for n in reversed(fsam_fused.available_backends()) if fsam_fused.backends.runs_on(n, "cpu")]
+CPU_FAST_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
 
 
 @dataclass(frozen=True)
@@ -143,9 +137,9 @@ def attached_plans(opt: FriendlySAM) -> list:
     (what first_step does before it calls them)."""
     opt._replan(opt._param_lists())
     rows = opt._group_rows()
-    adaptive = [bool(row[3]) for row in rows]
+    adaptive, fisher = [row[ADAPTIVE] != 0 for row in rows], [row[FISHER_ETA] != 0 for row in rows]
     for _, plan in opt._step_plans:
-        plan.attach(opt._scan, opt._table(plan.device).refresh(rows), rows, adaptive, opt.eps)
+        plan.attach(opt._scan, opt._table(plan.device).refresh(rows), rows, adaptive, fisher, opt.eps)
     return opt._step_plans
 
 
@@ -196,7 +190,7 @@ def _momentum(opt: FriendlySAM, p: Tensor) -> Tensor | None:
 
 
 def assert_traces_close(actual: Trace, expected: Trace, dtype: torch.dtype) -> None:
-    tol = TOLERANCES[dtype]
+    tol = testing.step(dtype)
     for step, (a_step, e_step) in enumerate(zip(actual.perturbed, expected.perturbed)):
         for i, (a, e) in enumerate(zip(a_step, e_step)):
             assert a.stride() == e.stride() or a.numel() <= 1
@@ -215,6 +209,6 @@ def assert_traces_close(actual: Trace, expected: Trace, dtype: torch.dtype) -> N
                 torch.testing.assert_close(
                     a.cpu(),
                     e.cpu(),
-                    **TOLERANCES[torch.float32] if dtype == torch.float32 else tol,
+                    **testing.step(torch.float32) if dtype == torch.float32 else tol,
                     msg=lambda m: f"momentum p{i} step {step}: {m}",
                 )

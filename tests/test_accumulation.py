@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsam_fused import FriendlySAM, accumulated_step, running_stats_frozen
-from tests.cases import CPU_BACKENDS
 from tests.example_scripts import run_example
 
 K = 3
@@ -104,7 +103,6 @@ def _micro_batches(backend: str, freeze: bool) -> tuple[dict, list[Tensor]]:
     return _state(model, opt), losses
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("freeze", [True, False], ids=["bn_frozen", "bn_tracking"])
 def test_k_micro_batches_equal_one_batch_k_times_larger(backend, freeze):
     expected, expected_losses = _one_large_batch(backend, freeze)

@@ -8,7 +8,7 @@ import torch
 from tests.cases import CASE_IDS, CASES, CPU_FAST_BACKENDS, assert_traces_close, run
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_backend_matches_reference_over_steps(case, dtype, backend):

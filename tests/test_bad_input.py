@@ -41,7 +41,7 @@ def test_invalid_group_hyperparameters_are_refused():
         opt.add_param_group(dict(params=[_param()], rho=-1.0))
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference"], indirect=True)
 def test_group_hyperparameter_set_invalid_between_steps_is_refused(backend):
     p = _param()
     opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend=backend)
@@ -67,7 +67,7 @@ def test_complex_parameters_are_refused():
         FriendlySAM([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], torch.optim.SGD, lr=0.1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference"], indirect=True)
 def test_sparse_gradients_are_refused(backend):
     emb = torch.nn.Embedding(10, 4, sparse=True)
     opt = FriendlySAM(emb.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
@@ -76,14 +76,14 @@ def test_sparse_gradients_are_refused(backend):
         opt.first_step()
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference"], indirect=True)
 def test_second_step_before_first_step_is_refused(backend):
     opt = FriendlySAM([_param()], torch.optim.SGD, lr=0.1, backend=backend)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.second_step()
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference"], indirect=True)
 def test_first_step_twice_is_refused(backend):
     p = _param()
     opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend=backend)
@@ -138,7 +138,7 @@ def test_numpy_numbers_are_accepted_like_python_numbers(dtype):
     opt.second_step()
 
 
-@pytest.mark.parametrize("backend", ["native", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["native", "torch", "reference"], indirect=True)
 def test_fp64_parameter_in_an_adaptive_group_beside_fp32_ones(backend):
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} is not available here")
@@ -177,3 +177,24 @@ def test_unscale_before_first_step_is_refused():
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="unscale_"):
         opt.first_step(grad_scaler=scaler)
+
+
+def test_step_with_a_closure_but_no_first_backward_says_what_to_do():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="no gradient.*automatic_optimization"):
+        opt.step(lambda: (p * p).sum().backward())
+    assert torch.equal(p, before)
+    p.grad = torch.randn(3)
+    opt.step(lambda: (p * p).sum().backward())  # usable again
+
+
+def test_a_closure_that_runs_no_backward_is_refused_and_the_parameters_restored():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    before = p.detach().clone()
+    p.grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="ran no backward"):
+        opt.step(lambda: (p * p).sum())
+    assert torch.equal(p, before)

@@ -55,7 +55,12 @@ def test_step_benchmark_writes_table_json_and_png(small_preset, tmp_path, capsys
     assert "all backends agree with reference" in out.out
     record = json.loads(json_path.read_text())
     rows = {(r["dtype"], r["backend"]): r for r in record["step"]}
-    assert set(rows) == {(d, b) for d in ("float32", "bfloat16") for b in ("reference", "torch")}
+    anchors = ("torch SGD foreach", "torch AdamW fused")
+    assert set(rows) == {(d, b) for d in ("float32", "bfloat16") for b in ("reference", "torch", *anchors)}
+    for d in ("float32", "bfloat16"):  # PyTorch's own optimizers, timed beside ours on the same tensors
+        assert all(
+            rows[d, a]["total_ms"]["median"] > 0 and rows[d, a]["host_us_per_tensor"] >= 0 for a in anchors
+        )
     torch_fp32 = rows["float32", "torch"]
     assert torch_fp32["status"] == "ok" and torch_fp32["total_ms"]["median"] > 0
     assert torch_fp32["speedup"] > 0 and 0 < torch_fp32["bandwidth_fraction"]
@@ -110,3 +115,23 @@ def test_results_dir_gets_json_png_and_tables_named_by_machine_and_date(small_pr
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "png", "txt"]
     assert len({f.rsplit(".", 1)[0] for f in files}) == 1 and files[0].startswith("cpu-")
     assert out.out in (tmp_path / files[2]).read_text()
+
+
+def test_variants_are_gated_and_timed_and_a_host_table_is_printed(small_preset, capsys, monkeypatch):
+    monkeypatch.setattr("benchmarks.report.HOST_OVERHEAD_PRESET", small_preset)
+    status, out = _run(
+        capsys, "--preset", small_preset, "--no-train-check", "--backends", "torch", "--variant", "all"
+    )
+    assert status == 0
+    step_rows = [line.split() for line in out.out.splitlines() if line.startswith(small_preset)]
+    timed = {(row[2], row[3]) for row in step_rows}
+    assert {("torch", v) for v in ("fsam", "asam_eta", "fisher")} <= timed
+    assert {("reference", v) for v in ("fsam", "asam_eta", "fisher")} <= timed
+    assert "host us/tensor" in out.out
+
+
+def test_unknown_variant_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "--variant", "sharpest")
+    assert exit_info.value.code == 2
+    assert "--variant" in capsys.readouterr().err

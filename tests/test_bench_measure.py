@@ -5,9 +5,10 @@ import time
 import pytest
 import torch
 
-from benchmarks.agreement import TOLERANCES, compare
+from benchmarks.agreement import compare
 from benchmarks.bytes_model import bytes_per_element, step_bytes
 from benchmarks.measure import Budget, Summary, peak_memory_bytes, time_interleaved
+from fsam_fused import testing
 
 
 def test_bytes_model_matches_design_section_3():
@@ -55,11 +56,11 @@ def test_cpu_peak_memory_counts_transient_allocations():
 def test_compare_flags_an_element_outside_tolerance_and_names_it():
     expected = [torch.randn(7), torch.randn(3, 4)]
     close = [t + 1e-7 for t in expected]
-    assert compare(close, expected, "p", **TOLERANCES[torch.float32])
+    assert compare(close, expected, "p", **testing.step(torch.float32))
     far = [t.clone() for t in expected]
     far[1][2, 1] += 1e-3
-    verdict = compare(far, expected, "p", **TOLERANCES[torch.float32])
+    verdict = compare(far, expected, "p", **testing.step(torch.float32))
     assert not verdict and "p[1]" in verdict.detail
     poisoned = [t.clone() for t in expected]
     poisoned[0][3] = float("nan")
-    assert not compare(poisoned, expected, "p", **TOLERANCES[torch.float32])
+    assert not compare(poisoned, expected, "p", **testing.step(torch.float32))

@@ -25,6 +25,13 @@ def test_cpu_kernels_are_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam_fused::{op}", "CPU")
 
 
+def test_has_cuda_kernels_agrees_with_the_dispatcher():
+    """has_cuda_kernels() reads the build's record of CUDA targets; the dispatcher must agree."""
+    for op in ("sq_norm", "perturb_", "restore_"):
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"fsam_fused::{op}", "CUDA")
+        assert _ops.has_cuda_kernels() == registered, (op, _ops.cuda_arch_list)
+
+
 @needs_cuda_build
 def test_cuda_kernels_are_built_when_the_toolkit_is_present():
     assert _ops.has_cuda_kernels(), "nvcc and a CUDA torch are present but the extension has no CUDA kernels"

@@ -32,7 +32,7 @@ def _step(params, first_step, second_step, seed):
     second_step()
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_second_step_breaks_only_inside_the_base_optimizer(backend):
     params, opt = _setup(backend)
     _step(params, opt.first_step, opt.second_step, seed=0)
@@ -47,7 +47,7 @@ def test_second_step_breaks_only_inside_the_base_optimizer(backend):
         assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_compiled_steps_match_eager(backend):
     params, opt = _setup(backend)
     eager_params, eager = _setup(backend)
@@ -64,3 +64,21 @@ def test_compiled_steps_match_eager(backend):
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt.state[p]["momentum"], eager.state[q]["momentum"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_a_schedule_of_every_group_value_is_one_graph(backend):
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((10,), (3, 4))]
+    groups = [dict(params=params[:1]), dict(params=params[1:], rho=0.3, adaptive=True)]
+    opt = FriendlySAM(groups, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, fused=True, backend=backend)
+    _step(params, opt.first_step, opt.second_step, seed=0)
+    counter = torch._dynamo.testing.CompileCounter()
+    first = torch.compile(opt.first_step, fullgraph=True, backend=counter)
+    keys = ("rho", "sigma", "lmbda", "adaptive_eta", "fisher_eta")
+    for i in range(30):  # every key of both groups changes, 3 values each
+        opt.param_groups[i % 2][keys[(i // 2) % len(keys)]] = 0.1 + 0.01 * i
+        _step(params, first, opt.second_step, seed=2 * i + 2)
+    assert counter.frame_count == 1

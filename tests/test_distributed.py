@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsam_fused import FriendlySAM, accumulated_step
+from fsam_fused import FriendlySAM, accumulated_step, testing
 from fsam_fused.distributed import first_pass, is_dtensor
 
 WORLD = 2
@@ -44,7 +44,6 @@ STEPS = 3
 GLOBAL_BATCH = 8
 MICRO_BATCHES = 2  # per rank and step, in the accumulation scenarios
 SPAWN_DEADLINE_S = 120
-TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 # Shapes for the hand-sharded case, split along dim 0: odd sizes give uneven parts, and a
 # single row leaves the second rank an empty part.
 MANUAL_SHAPES = ((11,), (7, 3), (1,), (4, 2, 2))
@@ -301,7 +300,9 @@ def _assert_trace_close(actual: list[dict], expected: list[dict], what: str) -> 
             values = zip(*(v if isinstance(v, list) else [v] for v in (got[key], want[key])), strict=True)
             for i, (a, b) in enumerate(values):
                 where = f"{what}: step {step} {key}[{i}]"
-                torch.testing.assert_close(a, b, **TOLERANCE, msg=lambda m, where=where: f"{where}: {m}")
+                torch.testing.assert_close(
+                    a, b, **testing.step(torch.float32), msg=lambda m, where=where: f"{where}: {m}"
+                )
 
 
 def _assert_params_identical_across_ranks(ranks: list[dict], scenario: str) -> None:

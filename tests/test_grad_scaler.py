@@ -37,7 +37,6 @@ def _grads(params):
     return [torch.randn_like(p) for p in params]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["no_clip", "clip_after_unscale"])
 def test_scaled_steps_match_unscaled_steps(backend, clip):
     params, opt, scaler = _setup(backend)
@@ -60,7 +59,6 @@ def test_scaled_steps_match_unscaled_steps(backend, clip):
     assert opt.skipped_steps == 0
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach_base", "fused_base"])
 @pytest.mark.parametrize("where", ["first", "second", "both"])
 def test_overflow_in_either_pass_skips_the_whole_step_and_backs_off(backend, fused, where):
@@ -87,7 +85,6 @@ def test_overflow_in_either_pass_skips_the_whole_step_and_backs_off(backend, fus
     assert not torch.equal(params[0], before[0])
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_overflow_on_the_first_step_leaves_momentum_unseeded(backend):
     params, opt, scaler = _setup(backend)
     second = _grads(params)
@@ -99,7 +96,7 @@ def test_overflow_on_the_first_step_leaves_momentum_unseeded(backend):
         torch.testing.assert_close(opt.state[p]["momentum"], g)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"], indirect=True)
 def test_scaled_step_with_fused_base_reads_nothing_back(backend):
     params, opt, scaler = _setup(backend, fused=True)
     _scaled_step(params, opt, scaler, _grads(params), _grads(params))

@@ -39,7 +39,7 @@ def _train(dtype, backend, steps=200):
     return torch.tensor(losses)
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_bf16_training_tracks_fp32_over_200_steps(backend):
     fp32 = _train(torch.float32, backend)
     bf16 = _train(torch.bfloat16, backend)
@@ -50,7 +50,7 @@ def test_bf16_training_tracks_fp32_over_200_steps(backend):
     assert (window(bf16) - window(fp32)).abs().max() < 0.01
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_backup_restores_bit_exactly(backend, dtype):
     torch.manual_seed(0)

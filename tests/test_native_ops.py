@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from fsam_fused.plan import COEF_COLUMNS
 from tests.op_oracle import (
     CUDA_CHUNK,
     DTYPES,
@@ -17,6 +18,7 @@ from tests.op_oracle import (
     assert_bits_equal,
     bits,
     check_shapes,
+    check_zero_etas_are_bit_exact,
     clone,
     make_lists,
     poison,
@@ -43,6 +45,27 @@ class NativeOps:
         _ops.restore_(lists.params, lists.backup)
 
 
+class CapturedNativeOps(NativeOps):
+    """Each op recorded into a CUDA graph, then replayed once."""
+
+    def _replayed(self, op):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = op()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out
+
+    def sq_norm(self, lists: Lists) -> torch.Tensor:
+        return self._replayed(lambda: super(CapturedNativeOps, self).sq_norm(lists))
+
+    def perturb_(self, lists: Lists, total: torch.Tensor, eps: float) -> None:
+        self._replayed(lambda: super(CapturedNativeOps, self).perturb_(lists, total, eps))
+
+    def restore_(self, lists: Lists) -> None:
+        self._replayed(lambda: super(CapturedNativeOps, self).restore_(lists))
+
+
 CASES = [
     pytest.param(shapes, dtypes, id=f"{name}-{'+'.join(str(d)[6:] for d in dtypes)}")
     for name, shapes in SHAPE_SETS.items()
@@ -55,6 +78,20 @@ CASES = [
 @pytest.mark.parametrize("shapes,dtypes", CASES)
 def test_ops_match_oracle(shapes, dtypes, variant, device):
     check_shapes(NativeOps(), shapes, dtypes, device, **VARIANTS[variant], label="native")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_set", ["over_one_launch", "chunk_boundaries"])
+def test_ops_captured_in_a_cuda_graph_match_oracle(shape_set):
+    """While a stream is captured the launchers pass 4 KB launch tables (more launches)."""
+    variant = VARIANTS["fsam_scaled"]
+    check_shapes(CapturedNativeOps(), SHAPE_SETS[shape_set], DTYPES, "cuda", **variant, label="graph")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_etas_give_the_formula_from_before_the_etas_bit_for_bit(variant, device):
+    check_zero_etas_are_bit_exact(NativeOps(), device, **VARIANTS[variant], label="native")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,7 +135,7 @@ def test_norm_is_bitwise_independent_of_thread_count():
 
 
 def test_empty_lists_give_zero_norm_and_no_op():
-    coef = torch.empty((0, 4))
+    coef = torch.empty((0, COEF_COLUMNS))
     assert float(_ops.sq_norm([], [], [], coef, None)) == 0.0
     _ops.perturb_([], [], [], [], coef, torch.tensor(1.0), 1e-12, None)
     _ops.restore_([], [])

@@ -50,8 +50,10 @@ def _grads(params, gen):
 
 
 @pytest.mark.parametrize("cls", [FriendlySAM, SAM])
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_steps_with_a_per_step_schedule_read_nothing_back(backend, cls):
+    if backend == "triton":
+        pytest.skip("Triton's interpreter runs kernels on the host, reading tensors there by design")
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((5,), (3, 4), (2, 3, 3, 3))]
     groups = [dict(params=params[:2]), dict(params=params[2:], adaptive=True)]

@@ -38,7 +38,6 @@ def _snapshot(params, opt):
     return [p.detach().clone() for p in params], momentum, base
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach_base", "fused_base"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_gradient_skips_the_whole_step(backend, fused, bad):
@@ -90,7 +89,6 @@ def test_direct_base_step_after_a_skipped_step_is_not_skipped():
     assert all(not torch.equal(p, b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_skipped_first_step_leaves_momentum_unseeded(backend):
     params, opt = _setup(backend)
     grads = [torch.randn_like(p) for p in params]
@@ -102,7 +100,6 @@ def test_skipped_first_step_leaves_momentum_unseeded(backend):
         torch.testing.assert_close(opt.state[p]["momentum"], g)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_overflowing_squared_norm_counts_as_non_finite(backend):
     params, opt = _setup(backend)
     grads = [torch.full_like(p, 1e30) for p in params]
@@ -130,7 +127,7 @@ def _host_reads_forbidden():
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"], indirect=True)
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
 def test_fused_base_step_reads_nothing_back_to_the_host(backend, base):
     params, opt = _setup(backend, fused=True, base=base)
@@ -144,7 +141,6 @@ def test_fused_base_step_reads_nothing_back_to_the_host(backend, base):
     assert opt.skipped_steps == 1
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
 def test_skipped_very_first_step_leaves_a_fused_base_as_if_it_never_happened(backend, base):
     # torch's fused SGD, told to skip the step that creates its momentum buffers, leaves them

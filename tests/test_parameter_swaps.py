@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fsam_fused import FriendlySAM
-from tests.cases import CPU_BACKENDS
 from tests.oracle import Oracle, PlainSGD
 
 SHAPES = [(4, 3, 3, 3), (10,), (5, 7)]
@@ -45,7 +44,6 @@ def _compare(actual, expected, what):
 
 
 @pytest.mark.parametrize("swap", list(SWAPS))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_swapped_parameters_match_the_oracle_with_the_same_swaps(backend, swap):
     gen = torch.Generator().manual_seed(7)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
@@ -77,7 +75,6 @@ def test_swapped_parameters_match_the_oracle_with_the_same_swaps(backend, swap):
         _compare([opt.state[p]["momentum"] for p in params], momentum, f"step {step} momentum")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_restore_after_double_keeps_updates_below_float32_resolution(backend):
     # 100 updates of 1e-10 each: below fp32's resolution at 1.0, well above fp64's. A backup
     # still kept in fp32 after model.double() would round each restore and lose them all.
@@ -98,7 +95,6 @@ def test_restore_after_double_keeps_updates_below_float32_resolution(backend):
     )
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_swap_to_another_shape_asks_for_a_reset_and_a_reset_starts_afresh(backend):
     p = torch.nn.Parameter(torch.randn(6))
     opt = FriendlySAM([p], PlainSGD, lr=0.1, backend=backend)

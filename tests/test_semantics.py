@@ -1,10 +1,9 @@
 """The F-SAM rules of DESIGN.md section 1 that are easy to get subtly wrong."""
 
-import pytest
 import torch
 
 from fsam_fused import SAM, FriendlySAM
-from tests.cases import CASES, CPU_BACKENDS
+from tests.cases import CASES
 
 
 def _one_param(values, backend, **kwargs):
@@ -26,7 +25,6 @@ def _fsam_steps(p, opt, grads):
     return perturbations
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_first_step_is_plain_sam_and_seeds_momentum_with_the_gradient(backend):
     p, opt = _one_param([1.0, -2.0, 3.0], backend, rho=0.5, sigma=1.0, lmbda=0.9)
     g = torch.tensor([3.0, 0.0, 4.0])
@@ -35,7 +33,6 @@ def test_first_step_is_plain_sam_and_seeds_momentum_with_the_gradient(backend):
     torch.testing.assert_close(opt.state[p]["momentum"], g)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ema_takes_the_raw_gradient_not_the_direction(backend):
     # With g1 then g2: d2 = g2 - sigma*g1 and m2 = lmbda*g1 + (1-lmbda)*g2. Feeding d2 into
     # the EMA instead (a known divergence in the wild) would give lmbda*g1 + (1-lmbda)*d2.
@@ -50,7 +47,6 @@ def test_ema_takes_the_raw_gradient_not_the_direction(backend):
     assert not torch.allclose(opt.state[p]["momentum"], wrong)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_adaptive_scales_norm_by_abs_p_and_perturbation_by_p_squared(backend):
     p, opt = _one_param([2.0, -0.5, 1.0], backend, rho=0.2, adaptive=True)
     w = p.detach().clone()
@@ -59,7 +55,6 @@ def test_adaptive_scales_norm_by_abs_p_and_perturbation_by_p_squared(backend):
     torch.testing.assert_close(e, 0.2 * w * w * g / (w.abs() * g).norm())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_one_norm_over_all_groups_with_rho_per_group(backend):
     a = torch.nn.Parameter(torch.tensor([3.0]))
     b = torch.nn.Parameter(torch.tensor([4.0]))
@@ -76,7 +71,6 @@ def test_one_norm_over_all_groups_with_rho_per_group(backend):
     torch.testing.assert_close(b.detach(), torch.tensor([4.0 + 0.5 * 16.0 * 2.0 / norm]))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_sam_is_fsam_with_sigma_zero_and_keeps_no_momentum(backend):
     torch.manual_seed(3)
     grads = [torch.randn(6) for _ in range(3)]
@@ -95,7 +89,6 @@ def test_sam_is_fsam_with_sigma_zero_and_keeps_no_momentum(backend):
     assert all(s.momentum_flat is None for s in sam._flat.devices.values())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_parameter_without_grad_is_untouched_and_seeded_when_its_grad_arrives(backend):
     a = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
     b = torch.nn.Parameter(torch.tensor([2.0]))
@@ -117,7 +110,6 @@ def test_parameter_without_grad_is_untouched_and_seeded_when_its_grad_arrives(ba
     torch.testing.assert_close(opt.state[b]["momentum"], torch.tensor([2.0]))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_all_zero_gradients_give_zero_perturbation(backend):
     p, opt = _one_param([1.0, 2.0], backend, rho=0.5)
     (e,) = _fsam_steps(p, opt, [torch.zeros(2)])
@@ -125,7 +117,6 @@ def test_all_zero_gradients_give_zero_perturbation(backend):
     assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rho_schedule_changes_take_effect_between_steps(backend):
     p, opt = _one_param([0.0, 0.0], backend, rho=0.1, sigma=0.0)
     g = torch.tensor([3.0, 4.0])
@@ -135,7 +126,6 @@ def test_rho_schedule_changes_take_effect_between_steps(backend):
     torch.testing.assert_close(e2, 4 * e1)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_restore_is_bit_exact(backend):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in ((33,), (4, 7))]
@@ -152,7 +142,6 @@ def test_restore_is_bit_exact(backend):
         assert p.data_ptr() == ptr, "the parameter's storage must not move"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_channels_last_parameters_match_contiguous(backend):
     torch.manual_seed(1)
     w = torch.randn(8, 3, 3, 3)

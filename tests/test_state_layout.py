@@ -46,7 +46,7 @@ def test_state_views_do_not_overlap():
             assert torch.all(view == i + 1), f"slot {i} was overwritten by a later one"
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_odd_sized_parameters_step_like_the_reference(backend):
     steps = []
     for name in ("reference", backend):

@@ -25,7 +25,6 @@ def _params(seed=0, shapes=((5,), (3, 4), (7,))):
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_first_pass_gradients_are_not_kept_after_first_step(backend):
     params = _params()
     opt = FriendlySAM(params, PlainSGD, lr=0.1, backend=backend)
@@ -42,7 +41,6 @@ def test_first_pass_gradients_are_not_kept_after_first_step(backend):
     opt.second_step(zero_grad=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_plans_stay_bounded_and_every_participation_pattern_matches_the_reference(backend):
     params = _params(shapes=[(17,)] * 10)
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -68,7 +66,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", ["native", "torch"], indirect=True)
 def test_memory_is_flat_under_changing_participation(backend):
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} is not available here")
@@ -93,7 +91,6 @@ def test_memory_is_flat_under_changing_participation(backend):
     assert grown < 24 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 100 steps"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exception_in_the_closure_restores_the_parameters_and_the_optimizer_stays_usable(backend):
     params = _params()
     opt = FriendlySAM(params, PlainSGD, lr=0.1, backend=backend)
@@ -113,7 +110,6 @@ def test_exception_in_the_closure_restores_the_parameters_and_the_optimizer_stay
     random_step(opt, params, gen)  # usable again
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_abort_step_puts_the_parameters_back_bit_for_bit(backend):
     params = _params()
     opt = FriendlySAM(params, PlainSGD, lr=0.1, backend=backend)
@@ -147,12 +143,10 @@ def _copy_matches_fresh_run(backend, make_copy):
     assert twin.base_optimizer.param_groups is twin.param_groups
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deepcopy_gives_a_working_independent_optimizer(backend):
     _copy_matches_fresh_run(backend, copy.deepcopy)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pickle_round_trip_gives_a_working_optimizer(backend):
     _copy_matches_fresh_run(backend, lambda opt: pickle.loads(pickle.dumps(opt)))
 
@@ -176,7 +170,6 @@ def test_sam_deepcopy_keeps_no_momentum():
     assert all("momentum" not in entry for entry in twin.state.values())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_assigned_momentum_is_used_by_the_next_step(backend):
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = FriendlySAM([p], PlainSGD, lr=0.0, rho=0.5, sigma=1.0, lmbda=0.5, backend=backend)
@@ -194,7 +187,6 @@ def test_assigned_momentum_is_used_by_the_next_step(backend):
     torch.testing.assert_close(opt.state[p]["momentum"], 0.5 * torch.tensor([3.0, -1.0]) + 0.5 * g)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_replaced_state_mapping_restarts_the_momentum_like_the_authors_optimizer(backend):
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = FriendlySAM([p], PlainSGD, lr=0.0, rho=0.5, backend=backend)
@@ -213,7 +205,6 @@ def test_replaced_state_mapping_restarts_the_momentum_like_the_authors_optimizer
     torch.testing.assert_close(saved["momentum"], g)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_state_dict_holds_a_momentum_assigned_since_the_last_step(backend):
     params = _params()
     opt = FriendlySAM(params, PlainSGD, lr=0.1, backend=backend)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from fsam_fused import SAM, FriendlySAM, disable_running_stats, enable_running_stats, running_stats_frozen
-from tests.cases import CPU_BACKENDS
 
 
 def _model(seed=0):
@@ -41,7 +40,6 @@ def _roundtrip(obj):
     return torch.load(buffer, weights_only=False)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     ("base", "kwargs"),
     [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)), (torch.optim.AdamW, dict(lr=1e-3))],
@@ -103,7 +101,6 @@ def test_state_dict_carries_base_state_and_fp32_momentum_for_bf16_params():
     torch.testing.assert_close(other.state[q]["momentum"], 0.9 * sd["state"][0]["momentum"])
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_loads_a_checkpoint_in_the_authors_format(backend):
     # The authors' optimizer saves state[p] = {"momentum": ..., "old_p": ...} and groups with
     # rho/adaptive and the base optimizer's keys, and no base optimizer state.
@@ -138,7 +135,6 @@ def test_loads_a_checkpoint_in_the_authors_format(backend):
     torch.testing.assert_close(opt.state[p]["momentum"], 0.9 * momentum + 0.1 * g)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_closure_step_equals_manual_two_step(backend):
     batches = _batches(3)
     results = []

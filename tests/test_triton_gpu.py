@@ -8,7 +8,7 @@ import torch
 
 import fsam_fused
 from tests.cases import CASE_IDS, CASES, Case, assert_traces_close, run
-from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes
+from tests.op_oracle import SHAPE_SETS, VARIANTS, check_shapes, check_zero_etas_are_bit_exact
 from tests.triton_ops import TritonOps
 
 _triton = fsam_fused.backends._load("triton")
@@ -63,6 +63,11 @@ def test_kernels_match_the_op_oracle_on_aligned_and_unaligned_tensors(shape_set,
     check_shapes(TritonOps(), SHAPE_SETS[shape_set], dtypes, "cuda", **VARIANTS[variant], label="tt")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_etas_give_the_formula_from_before_the_etas_bit_for_bit(variant):
+    check_zero_etas_are_bit_exact(TritonOps(), "cuda", **VARIANTS[variant], label="tt")
+
+
 def test_two_runs_are_bitwise_equal():
     case = Case(
         "determinism", ((1 << 20,), (3000, 70), (17,), (64, 3, 3, 3)), groups=(dict(), dict(adaptive=True))
@@ -92,8 +97,8 @@ def _steps(params, opt, steps, seed):
 
 
 def test_step_reads_nothing_back_to_the_host_after_warmup():
-    """Warm-up steps autotune (that times kernels, and synchronises); later steps never sync,
-    also when the gradients are new tensors every step (set_to_none)."""
+    """Warm-up steps build the plan and compile the kernels; later steps never sync, also
+    when the gradients are new tensors every step (set_to_none)."""
     params = _model_of_many_tensors(300, _seed("sync"))
     opt = fsam_fused.FriendlySAM(params, torch.optim.SGD, lr=0.01, momentum=0.9, fused=True, backend="triton")
     _steps(params, opt, 2, seed=1)

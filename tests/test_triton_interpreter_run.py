@@ -37,6 +37,22 @@ assert out.sum() == 8
 INTERPRETER_NUMPY_CLASH = "only 0-dimensional arrays can be converted to Python scalars"
 
 
+# The kernel tests, and the behaviour tests whose ``backend`` fixture includes triton in an
+# interpreting process (tests/conftest.py); the 200-step training comparison is left to the
+# compiled backends, the interpreter runs each program in Python.
+INTERPRETED_MODULES = [
+    "tests/test_triton_interpreted.py",
+    "tests/test_semantics.py",
+    "tests/test_nonfinite.py",
+    "tests/test_grad_scaler.py",
+    "tests/test_mixed_precision.py",
+    "tests/test_parameter_swaps.py",
+    "tests/test_step_lifecycle.py",
+    "tests/test_sam_variants.py",
+]
+INTERPRETED_SELECTION = "triton and not 200_steps"
+
+
 def test_triton_kernels_pass_their_tests_under_the_interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -49,7 +65,7 @@ def test_triton_kernels_pass_their_tests_under_the_interpreter():
         )
     assert probe.returncode == 0, probe.stderr[-3000:]
     result = _python(
-        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_interpreted.py"],
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETED_MODULES, "-k", INTERPRETED_SELECTION],
         TRITON_INTERPRET="1",
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

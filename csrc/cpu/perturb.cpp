@@ -23,12 +23,14 @@ struct PieceArgs {
   float inv_scale;
 };
 
-template <typename T, bool HasMomentum, bool Adaptive>
+template <typename T, bool HasMomentum, bool Adaptive, bool Fisher>
 void perturb_piece(const PieceArgs& a) {
   T* __restrict p = static_cast<T*>(a.p);
   const T* __restrict g = static_cast<const T*>(a.g);
   float* __restrict m = a.m;
   T* __restrict backup = static_cast<T*>(a.backup);
+  // The flags as constants, so the loop has no branch.
+  const Normalisation t{Adaptive, a.coef.t.adaptive_eta, Fisher, a.coef.t.fisher_eta};
   for (int64_t i = 0; i < a.n; ++i) {
     const T old = p[i];
     backup[i] = old;
@@ -38,18 +40,18 @@ void perturb_piece(const PieceArgs& a) {
       d = direction(grad, m[i], a.coef.sigma);
       m[i] = ema(m[i], grad, a.coef.lmbda);
     }
-    p[i] = static_cast<T>(perturbed(static_cast<float>(old), d, a.scale, Adaptive));
+    p[i] = static_cast<T>(perturbed(static_cast<float>(old), grad, d, a.scale, t));
   }
 }
 
 void perturb_piece_dispatch(at::ScalarType dtype, bool has_momentum, const PieceArgs& a) {
   dispatch_param_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
-    dispatch_bool(has_momentum, [&](auto with_m) {
-      dispatch_bool(a.coef.adaptive, [&](auto is_adaptive) {
-        perturb_piece<T, decltype(with_m)::value, decltype(is_adaptive)::value>(a);
-      });
-    });
+    dispatch_bools(
+        [&](auto with_m, auto adaptive, auto fisher) {
+          perturb_piece<T, decltype(with_m)::value, decltype(adaptive)::value, decltype(fisher)::value>(a);
+        },
+        has_momentum, a.coef.t.adaptive, a.coef.t.fisher);
   });
 }
 

@@ -31,17 +31,21 @@ struct PieceArgs {
   const float* m;
   int64_t n;
   float sigma;
+  Normalisation t;
   float inv_scale;
 };
 
-template <typename T, bool HasMomentum, bool Adaptive>
+template <typename T, bool HasMomentum, bool Adaptive, bool Fisher>
 double piece_sq_norm(const PieceArgs& a) {
   const T* __restrict p = static_cast<const T*>(a.p);
   const T* __restrict g = static_cast<const T*>(a.g);
   const float* __restrict m = a.m;
+  // The flags as constants: the loop has no branch, and reads p only where adaptive.
+  const Normalisation t{Adaptive, a.t.adaptive_eta, Fisher, a.t.fisher_eta};
   auto term = [&](int64_t i) {
-    const float d = direction(static_cast<float>(g[i]) * a.inv_scale, HasMomentum ? m[i] : 0.0f, a.sigma);
-    return norm_term(Adaptive ? static_cast<float>(p[i]) : 0.0f, d, Adaptive);
+    const float grad = static_cast<float>(g[i]) * a.inv_scale;
+    const float d = direction(grad, HasMomentum ? m[i] : 0.0f, a.sigma);
+    return norm_term(Adaptive ? static_cast<float>(p[i]) : 0.0f, grad, d, t);
   };
   double total = 0.0;
   for (int64_t start = 0; start < a.n; start += kInnerBlock) {
@@ -66,14 +70,14 @@ double piece_sq_norm(const PieceArgs& a) {
   return total;
 }
 
-double piece_sq_norm_dispatch(at::ScalarType dtype, bool has_momentum, bool adaptive, const PieceArgs& a) {
+double piece_sq_norm_dispatch(at::ScalarType dtype, bool has_momentum, const PieceArgs& a) {
   return dispatch_param_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
-    return dispatch_bool(has_momentum, [&](auto with_m) {
-      return dispatch_bool(adaptive, [&](auto is_adaptive) {
-        return piece_sq_norm<T, decltype(with_m)::value, decltype(is_adaptive)::value>(a);
-      });
-    });
+    return dispatch_bools(
+        [&](auto with_m, auto adaptive, auto fisher) {
+          return piece_sq_norm<T, decltype(with_m)::value, decltype(adaptive)::value, decltype(fisher)::value>(a);
+        },
+        has_momentum, a.t.adaptive, a.t.fisher);
   });
 }
 
@@ -104,8 +108,9 @@ at::Tensor sq_norm(
             momentum.empty() ? nullptr : data_at<float>(momentum[i], lo),
             hi - lo,
             c.sigma,
+            c.t,
             unscale};
-        sum += piece_sq_norm_dispatch(params[i].scalar_type(), !momentum.empty(), c.adaptive, a);
+        sum += piece_sq_norm_dispatch(params[i].scalar_type(), !momentum.empty(), a);
       });
       partials[s] = sum;
     }

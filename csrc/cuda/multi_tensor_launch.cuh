@@ -1,45 +1,25 @@
-// Multi-tensor chunked launches, in the style of PyTorch's MultiTensorApply.cuh and apex's
-// multi_tensor_apply: the tensors of a list are cut into chunks of kChunkSize elements,
-// one thread block per chunk, and the addresses of up to kMaxTensorsPerLaunch tensors and
-// kMaxBlocksPerLaunch chunks travel in the kernel's parameters. A whole model takes one
-// launch, or a few for very large ones; nothing is copied to the device beforehand, so a
-// launch is safe to capture in a CUDA graph as long as the tensors keep their addresses.
+// Multi-tensor chunked launches: the launch tables of launch_table.h filled from tensor
+// lists and passed by value, so a whole model takes one launch, or a few for very large
+// ones. Nothing is copied to the device beforehand, so a launch is safe to capture in a
+// CUDA graph as long as the tensors keep their addresses.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <cuda_runtime.h>
 
 #include <array>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
+#include "../launch_table.h"
+
 namespace fsam_fused::cuda {
 
 constexpr int kThreads = 512;
-constexpr int64_t kChunkSize = 32768;
-// Kernel parameters may take up to 32764 bytes since CUDA 12.1 on Volta and later (every
-// target we build for); a Depth-4 table is about 8 KiB.
-constexpr int kMaxTensorsPerLaunch = 64;
-constexpr int kMaxBlocksPerLaunch = 1024;
-
-template <int Depth>
-struct LaunchTable {
-  static_assert(kMaxTensorsPerLaunch <= 256, "block_tensor is a uint8_t index");
-  void* addr[Depth][kMaxTensorsPerLaunch];
-  int64_t numel[kMaxTensorsPerLaunch];
-  // The tensor's position in the op's lists: its row of the coefficient table.
-  int32_t position[kMaxTensorsPerLaunch];
-  uint8_t block_tensor[kMaxBlocksPerLaunch];
-  int32_t block_chunk[kMaxBlocksPerLaunch];
-  // The op-wide index of this launch's first block (where its norm partials go).
-  int64_t first_block;
-};
-static_assert(sizeof(LaunchTable<4>) <= 32764, "kernel parameters are limited to 32764 bytes");
-
-inline int64_t chunks_of(int64_t numel) {
-  return (numel + kChunkSize - 1) / kChunkSize;
-}
 
 // Number of blocks (chunks) the tensors at `positions` of `list` take.
 inline int64_t count_blocks(at::TensorList list, const std::vector<int64_t>& positions) {
@@ -50,67 +30,66 @@ inline int64_t count_blocks(at::TensorList list, const std::vector<int64_t>& pos
   return blocks;
 }
 
-// Calls launch(table, blocks) for consecutive batches of the chunks of the tensors at
-// `positions` (same position in every list; an empty list gives null addresses). Block
-// indices start at `first_block`; returns the index after the last block.
-template <int Depth, typename Launch>
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+// Whether a launch on the current device and stream may pass a LargeTable, as PyTorch's
+// multi-tensor launches decide (its supports_large_kernel_arg): a driver of CUDA 12.1 or
+// later (a build runs on older drivers of its major version) and a Volta or later GPU. Not
+// while the stream is being captured into a CUDA graph, where some drivers fail on kernel
+// nodes with more than 4 KB of parameters; the results do not depend on the table size.
+inline bool large_tables_allowed() {
+  static const bool driver_allows = [] {
+    int version = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&version));
+    return version >= 12010;
+  }();
+  return driver_allows && at::cuda::getCurrentDeviceProperties()->major >= 7 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+#endif
+
+// Calls f(LargeTable{}) or f(SmallTable{}), whichever the launch may use (a build with a
+// CUDA older than 12.1 cannot compile kernels with large parameters at all).
+template <typename F>
+void dispatch_table_capacity(F&& f) {
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  if (large_tables_allowed()) {
+    f(LargeTable{});
+    return;
+  }
+#endif
+  f(SmallTable{});
+}
+
+// pack_launches over tensor lists: the tensors at `positions` (same position in every
+// list; an empty list gives null addresses). Returns the index after the last block.
+template <int Depth, typename Capacity, typename Launch>
 int64_t launch_over_chunks(
     const std::array<at::TensorList, Depth>& lists,
     const std::vector<int64_t>& positions,
     int64_t first_block,
     Launch&& launch) {
-  LaunchTable<Depth> table;
-  table.first_block = first_block;
-  int tensors = 0;
-  int blocks = 0;
-  auto flush = [&]() {
-    if (blocks > 0) {
-      launch(table, blocks);
-    }
-    table.first_block += blocks;
-    tensors = 0;
-    blocks = 0;
-  };
-  for (int64_t pos : positions) {
-    const int64_t numel = lists[0][pos].numel();
-    for (int64_t chunk = 0; chunk < chunks_of(numel); ++chunk) {
-      if (tensors == 0 || table.position[tensors - 1] != pos) {
-        if (tensors == kMaxTensorsPerLaunch) {
-          flush();
-        }
-        for (int d = 0; d < Depth; ++d) {
-          table.addr[d][tensors] = lists[d].empty() ? nullptr : lists[d][pos].data_ptr();
-        }
-        table.numel[tensors] = numel;
-        table.position[tensors] = static_cast<int32_t>(pos);
-        ++tensors;
-      }
-      table.block_tensor[blocks] = static_cast<uint8_t>(tensors - 1);
-      table.block_chunk[blocks] = static_cast<int32_t>(chunk);
-      ++blocks;
-      if (blocks == kMaxBlocksPerLaunch) {
-        flush();
-      }
-    }
-  }
-  flush();
-  return table.first_block;
+  return pack_launches<Depth, Capacity>(
+      positions,
+      [&](int64_t pos) { return lists[0][pos].numel(); },
+      [&](int d, int64_t pos) { return lists[d].empty() ? nullptr : lists[d][pos].data_ptr(); },
+      first_block,
+      launch);
 }
 
 // The chunk this block works on.
-template <int Depth>
+template <typename Table>
 struct BlockChunk {
   int slot;       // index into the table's per-tensor arrays
   int64_t start;  // first element of the chunk within its tensor
   int n;          // elements in the chunk
 
-  __device__ explicit BlockChunk(const LaunchTable<Depth>& table)
+  __device__ explicit BlockChunk(const Table& table)
       : slot(table.block_tensor[blockIdx.x]),
         start(static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunkSize),
         n(static_cast<int>(min(kChunkSize, table.numel[slot] - start))) {}
 
   template <typename T>
-  __device__ T* data(const LaunchTable<Depth>& table, int d) const {
+  __device__ T* data(const Table& table, int d) const {
     return table.addr[d][slot] == nullptr ? nullptr : static_cast<T*>(table.addr[d][slot]) + start;
   }
 };

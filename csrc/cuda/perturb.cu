@@ -13,14 +13,18 @@ namespace {
 
 enum List { kParams, kGrads, kBackup, kMomentum, kDepth };
 
-template <typename T, bool HasMomentum>
+template <typename T, bool HasMomentum, typename Table>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(
-    const LaunchTable<kDepth> table, const float* coef, const float* total_sq_norm, float eps, const float* inv_scale) {
-  const BlockChunk<kDepth> chunk(table);
-  T* p = chunk.data<T>(table, kParams);
-  const T* g = chunk.data<const T>(table, kGrads);
-  T* backup = chunk.data<T>(table, kBackup);
-  float* m = chunk.data<float>(table, kMomentum);
+    const Table table,
+    const float* coef,
+    const float* total_sq_norm,
+    float eps,
+    const float* inv_scale) {
+  const BlockChunk<Table> chunk(table);
+  T* p = chunk.template data<T>(table, kParams);
+  const T* g = chunk.template data<const T>(table, kGrads);
+  T* backup = chunk.template data<T>(table, kBackup);
+  float* m = chunk.template data<float>(table, kMomentum);
   const TensorCoef c = read_coef(coef, table.position[chunk.slot]);
   const float total = *total_sq_norm;
   // A non-finite norm makes the step a no-op for p and m; the backup is still taken so
@@ -52,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(
         d = direction(grad, mv[k], c.sigma);
         mv[k] = ema(mv[k], grad, c.lmbda);
       }
-      pv[k] = static_cast<T>(perturbed(static_cast<float>(pv[k]), d, scale, c.adaptive));
+      pv[k] = static_cast<T>(perturbed(static_cast<float>(pv[k]), grad, d, scale, c.t));
     }
     store<W>(p + i, pv);
     if constexpr (HasMomentum) {
@@ -78,12 +82,15 @@ void perturb_(
     dispatch_param_dtype(dtype, [&](auto type_tag) {
       using T = decltype(type_tag);
       dispatch_bool(!momentum.empty(), [&](auto with_m) {
-        launch_over_chunks<kDepth>(
-            {params, grads, backup, momentum}, positions, 0, [&](const LaunchTable<kDepth>& table, int blocks) {
-              perturb_kernel<T, decltype(with_m)::value><<<blocks, kThreads, 0, stream>>>(
-                  table, coef.data_ptr<float>(), total_sq_norm.data_ptr<float>(), static_cast<float>(eps), unscale);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
+        dispatch_table_capacity([&](auto capacity) {
+          using Table = LaunchTable<kDepth, decltype(capacity)>;
+          launch_over_chunks<kDepth, decltype(capacity)>(
+              {params, grads, backup, momentum}, positions, 0, [&](const Table& table, int blocks) {
+                perturb_kernel<T, decltype(with_m)::value, Table><<<blocks, kThreads, 0, stream>>>(
+                    table, coef.data_ptr<float>(), total_sq_norm.data_ptr<float>(), static_cast<float>(eps), unscale);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+        });
       });
     });
   }

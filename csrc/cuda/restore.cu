@@ -11,11 +11,11 @@ namespace {
 
 enum List { kParams, kBackup, kDepth };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) restore_kernel(const LaunchTable<kDepth> table) {
-  const BlockChunk<kDepth> chunk(table);
-  T* p = chunk.data<T>(table, kParams);
-  const T* backup = chunk.data<const T>(table, kBackup);
+template <typename T, typename Table>
+__global__ void __launch_bounds__(kThreads) restore_kernel(const Table table) {
+  const BlockChunk<Table> chunk(table);
+  T* p = chunk.template data<T>(table, kParams);
+  const T* backup = chunk.template data<const T>(table, kBackup);
   walk_chunk<kVecWidth<T>>(chunk.n, is_aligned16(p) && is_aligned16(backup), [&](int i, auto width) {
     constexpr int W = decltype(width)::value;
     alignas(16) T v[W];
@@ -34,9 +34,13 @@ void restore_(at::TensorList params, at::TensorList backup) {
   for (const auto& [dtype, positions] : positions_by_dtype(params)) {
     dispatch_param_dtype(dtype, [&](auto type_tag) {
       using T = decltype(type_tag);
-      launch_over_chunks<kDepth>({params, backup}, positions, 0, [&](const LaunchTable<kDepth>& table, int blocks) {
-        restore_kernel<T><<<blocks, kThreads, 0, stream>>>(table);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_table_capacity([&](auto capacity) {
+        using Table = LaunchTable<kDepth, decltype(capacity)>;
+        launch_over_chunks<kDepth, decltype(capacity)>(
+            {params, backup}, positions, 0, [&](const Table& table, int blocks) {
+              restore_kernel<T, Table><<<blocks, kThreads, 0, stream>>>(table);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
       });
     });
   }

@@ -14,13 +14,13 @@ namespace {
 
 enum List { kParams, kGrads, kMomentum, kDepth };
 
-template <typename T, bool HasMomentum>
-__global__ void __launch_bounds__(kThreads) chunk_sq_norm_kernel(
-    const LaunchTable<kDepth> table, const float* coef, const float* inv_scale, float* partials) {
-  const BlockChunk<kDepth> chunk(table);
-  const T* p = chunk.data<const T>(table, kParams);
-  const T* g = chunk.data<const T>(table, kGrads);
-  const float* m = chunk.data<const float>(table, kMomentum);
+template <typename T, bool HasMomentum, typename Table>
+__global__ void __launch_bounds__(kThreads)
+    chunk_sq_norm_kernel(const Table table, const float* coef, const float* inv_scale, float* partials) {
+  const BlockChunk<Table> chunk(table);
+  const T* p = chunk.template data<const T>(table, kParams);
+  const T* g = chunk.template data<const T>(table, kGrads);
+  const float* m = chunk.template data<const float>(table, kMomentum);
   const TensorCoef c = read_coef(coef, table.position[chunk.slot]);
   const float unscale = inv_scale == nullptr ? 1.0f : *inv_scale;
   const bool vectorized = is_aligned16(p) && is_aligned16(g) && is_aligned16(m);
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) chunk_sq_norm_kernel(
     alignas(16) T gv[W];
     alignas(16) float mv[W];
     load<W>(g + i, gv);
-    if (c.adaptive) {
+    if (c.t.adaptive) {
       load<W>(p + i, pv);
     }
     if constexpr (HasMomentum) {
@@ -40,8 +40,9 @@ __global__ void __launch_bounds__(kThreads) chunk_sq_norm_kernel(
     }
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      const float d = direction(static_cast<float>(gv[k]) * unscale, HasMomentum ? mv[k] : 0.0f, c.sigma);
-      acc += norm_term(c.adaptive ? static_cast<float>(pv[k]) : 0.0f, d, c.adaptive);
+      const float grad = static_cast<float>(gv[k]) * unscale;
+      const float d = direction(grad, HasMomentum ? mv[k] : 0.0f, c.sigma);
+      acc += norm_term(c.t.adaptive ? static_cast<float>(pv[k]) : 0.0f, grad, d, c.t);
     }
   });
   const float block = block_sum(acc);
@@ -81,12 +82,15 @@ at::Tensor sq_norm(
     dispatch_param_dtype(dtype, [&](auto type_tag) {
       using T = decltype(type_tag);
       dispatch_bool(!momentum.empty(), [&](auto with_m) {
-        next_block = launch_over_chunks<kDepth>(
-            {params, grads, momentum}, positions, next_block, [&](const LaunchTable<kDepth>& table, int blocks) {
-              chunk_sq_norm_kernel<T, decltype(with_m)::value><<<blocks, kThreads, 0, stream>>>(
-                  table, coef.data_ptr<float>(), unscale, partials.data_ptr<float>());
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
+        dispatch_table_capacity([&](auto capacity) {
+          using Table = LaunchTable<kDepth, decltype(capacity)>;
+          next_block = launch_over_chunks<kDepth, decltype(capacity)>(
+              {params, grads, momentum}, positions, next_block, [&](const Table& table, int blocks) {
+                chunk_sq_norm_kernel<T, decltype(with_m)::value, Table><<<blocks, kThreads, 0, stream>>>(
+                    table, coef.data_ptr<float>(), unscale, partials.data_ptr<float>());
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+        });
       });
     });
   }

@@ -81,6 +81,12 @@ def check_name(name: str) -> None:
         raise ValueError(f"backend={name!r} is not a backend; choose one of {known_backends()}")
 
 
+def runs_on(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` (not ``"auto"``) is available here for tensors of ``device_type``."""
+    module = _load(name)
+    return module is not None and (module.device_types is None or device_type in module.device_types)
+
+
 def resolve(name: str, device_type: str) -> ModuleType:
     """The backend module to use for tensors of ``device_type``.
 
@@ -90,8 +96,7 @@ def resolve(name: str, device_type: str) -> ModuleType:
     check_name(name)
     candidates = _FAST_BACKENDS if name == AUTO else (name,)
     for candidate in candidates:
-        module = _load(candidate)
-        if module is not None and (module.device_types is None or device_type in module.device_types):
-            return module
+        if runs_on(candidate, device_type):
+            return _load(candidate)
     reason = _load_errors.get(name, f"it does not run on {device_type!r} tensors in this installation")
     raise RuntimeError(f"backend={name!r} is not available: {reason}. {_HOW_TO_GET[name]}".rstrip(". ") + ".")

@@ -1,7 +1,8 @@
 """The ``torch`` backend: the three ops of DESIGN.md section 2 with ``torch._foreach_*``.
 
 Works on every device and floating dtype. Hyperparameters are read from the plan's
-device table (``coef``), except ``adaptive``, which decides which ops run. The direction
+device table (``coef``), except whether a group is adaptive or Fisher, which decides which
+ops run. The direction
 ``d`` lives in a flat fp32 work buffer (the device state's scratch, allocated once and
 shared by every plan of the device, so memory stays flat whatever the participation); the
 plan lays its tensors out densely at the buffer's start, so the flat prefix can be made
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..plan import LMBDA, RHO, SIGMA, DevicePlan
+from ..plan import ADAPTIVE_ETA, FISHER_ETA, LMBDA, RHO, SIGMA, DevicePlan
 from ..state import view_like
 
 name = "torch"
@@ -32,17 +33,23 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
-def _direction_views(plan: DevicePlan) -> tuple[Tensor, list[Tensor]]:
-    """The plan's dense prefix of the device's fp32 scratch buffer and its per-tensor views."""
-    cached = plan.cache.get(name)
+def _views(plan: DevicePlan, buffer: int) -> tuple[Tensor, list[Tensor]]:
+    """A dense prefix of one of the device's fp32 scratch buffers, and its per-tensor views.
+
+    Buffer 0 holds the direction ``d`` from ``sq_norm`` to ``perturb_``; buffer 1 Fisher SAM's
+    ``f = 1 + fisher_eta * g^2`` (allocated only when a Fisher group runs here; each op
+    works it out afresh).
+    """
+    key = f"{name}.{buffer}"
+    cached = plan.cache.get(key)
     if cached is None:
         numel = sum(p.numel() for p in plan.params)
-        flat = plan.state.scratch(numel)[:numel]
+        flat = plan.state.scratch(numel, buffer)[:numel]
         views, offset = [], 0
         for p in plan.params:
             views.append(view_like(flat, offset, p))
             offset += p.numel()
-        cached = plan.cache[name] = (flat, views)
+        cached = plan.cache[key] = (flat, views)
     return cached
 
 
@@ -50,9 +57,39 @@ def _pick(items: list[Tensor], positions: list[int]) -> list[Tensor]:
     return [items[i] for i in positions]
 
 
+def _column(plan: DevicePlan, column: int, positions: list[int]) -> list[Tensor]:
+    """Per-tensor 0-dim device scalars of one coef column: read on the device, never the host."""
+    return _pick(list(plan.coef[:, column].unbind()), positions)
+
+
+def _adaptive_weights(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
+    """``|p| + adaptive_eta`` of the tensors at ``positions``."""
+    return torch._foreach_add(
+        torch._foreach_abs(_pick(plan.params, positions)), _column(plan, ADAPTIVE_ETA, positions)
+    )
+
+
+def _fisher(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
+    """``f = 1 + fisher_eta * g^2`` of the tensors at ``positions``, from the raw (unscaled)
+    gradient: in the second scratch buffer, or in temporaries inside ``torch.compile`` (where a
+    view of the buffer made for the first time cannot be traced)."""
+    grads = _pick(plan.grad_list(), positions)
+    if torch.compiler.is_compiling():
+        f = [g.float() for g in grads]
+    else:
+        f = _pick(_views(plan, 1)[1], positions)
+        torch._foreach_copy_(f, grads)
+    if plan.inv_scale is not None:
+        torch._foreach_mul_(f, plan.inv_scale)
+    torch._foreach_mul_(f, f)
+    torch._foreach_mul_(f, _column(plan, FISHER_ETA, positions))
+    torch._foreach_add_(f, 1.0)
+    return f
+
+
 def sq_norm(plan: DevicePlan) -> Tensor:
-    """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
-    flat, d = _direction_views(plan)
+    """``sum ||T * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
+    flat, d = _views(plan, 0)
     torch._foreach_copy_(d, plan.grad_list())
     if plan.inv_scale is not None:
         flat.mul_(plan.inv_scale)
@@ -63,7 +100,9 @@ def sq_norm(plan: DevicePlan) -> Tensor:
     for group, positions in plan.group_positions:
         d_group = _pick(d, positions)
         if plan.group_adaptive[group]:
-            d_group = torch._foreach_mul(d_group, torch._foreach_abs(_pick(plan.params, positions)))
+            d_group = torch._foreach_mul(d_group, _adaptive_weights(plan, positions))
+        if plan.group_fisher[group]:
+            d_group = torch._foreach_div(d_group, torch._foreach_sqrt(_fisher(plan, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=plan.device)
@@ -77,7 +116,7 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     A non-finite ``total_sq_norm`` turns the step into a no-op for parameters and
     momentum (the backup is still written, so ``restore_`` stays unconditional).
     """
-    flat, d = _direction_views(plan)
+    flat, d = _views(plan, 0)
     step_ok = torch.isfinite(total_sq_norm)
     torch.where(step_ok, flat, flat.new_zeros(()), out=flat)
     inv_norm = step_ok.float() / (total_sq_norm.sqrt() + plan.eps)
@@ -89,10 +128,13 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
         torch._foreach_mul_(plan.momentum, list(keep.unbind()))
         torch._foreach_addcmul_(plan.momentum, d, list(take.unbind()))
     for group, positions in plan.group_positions:
+        d_group = _pick(d, positions)
         if plan.group_adaptive[group]:
-            d_group, params = _pick(d, positions), _pick(plan.params, positions)
-            torch._foreach_mul_(d_group, params)
-            torch._foreach_mul_(d_group, params)
+            weights = _adaptive_weights(plan, positions)
+            torch._foreach_mul_(d_group, weights)
+            torch._foreach_mul_(d_group, weights)
+        if plan.group_fisher[group]:
+            torch._foreach_div_(d_group, _fisher(plan, positions))
     torch._foreach_addcmul_(plan.params, d, list((inv_norm * plan.coef[:, RHO]).unbind()))
 
 

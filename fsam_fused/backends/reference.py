@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..plan import ADAPTIVE, LMBDA, RHO, SIGMA, DevicePlan
+from ..plan import ADAPTIVE, ADAPTIVE_ETA, FISHER_ETA, LMBDA, RHO, SIGMA, DevicePlan
 
 name = "reference"
 device_types = None  # every device torch supports
@@ -31,11 +31,23 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+def _normaliser(p: Tensor, grad: Tensor, row: tuple[float, ...]) -> Tensor | None:
+    """The SAM variant's operator T (DESIGN.md section 1), None where it is 1.
+
+    ``T = (|p| + adaptive_eta if adaptive else 1) / sqrt(1 + fisher_eta * g^2)``.
+    """
+    t = p.float().abs() + row[ADAPTIVE_ETA] if row[ADAPTIVE] else None
+    if row[FISHER_ETA]:
+        t = (t if t is not None else 1.0) / torch.sqrt(1 + row[FISHER_ETA] * grad * grad)
+    return t
+
+
 def sq_norm(plan: DevicePlan) -> Tensor:
-    """The squared norm ``||a * d||^2`` over the plan; also works out each ``d`` and new momentum."""
+    """The squared norm ``||T * d||^2`` over the plan; also works out each ``e``'s direction and
+    the new momentum."""
     seeded = plan.state.seeded.index_select(0, plan.slots).tolist()
     directions = []
-    for i, g in enumerate(plan.grad_list()):
+    for i, (p, g) in enumerate(zip(plan.params, plan.grad_list())):
         row = plan.group_rows[plan.group_list[i]]
         grad = g.float().clone()
         if plan.inv_scale is not None:
@@ -47,15 +59,10 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         else:
             d = grad
             new_momentum = grad if plan.momentum is not None else None
-        directions.append((d, new_momentum))
+        directions.append((d, _normaliser(p, grad, row), new_momentum))
     plan.cache[_DIRECTIONS] = directions
     norm = torch.norm(
-        torch.stack(
-            [
-                ((p.float().abs() if plan.group_rows[plan.group_list[i]][ADAPTIVE] else 1.0) * d).norm(p=2)
-                for i, (p, (d, _)) in enumerate(zip(plan.params, directions))
-            ]
-        ),
+        torch.stack([((t if t is not None else 1.0) * d).norm(p=2) for d, t, _ in directions]),
         p=2,
     )
     # sqrt(x * x) == x in binary floating point (barring overflow), so perturb_ gets this norm back.
@@ -63,20 +70,21 @@ def sq_norm(plan: DevicePlan) -> Tensor:
 
 
 def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
-    """Update the momentum, save a clone of each parameter and add ``e``; nothing if not finite."""
+    """Update the momentum, save a clone of each parameter and add ``e = rho T^2 d / ||T d||``;
+    nothing if the norm is not finite."""
     directions = plan.cache.pop(_DIRECTIONS)
     backups: list[Tensor] = []
     plan.cache[_BACKUPS] = backups
     norm = total_sq_norm.sqrt()
     if not torch.isfinite(norm):
         return
-    for i, (p, (d, new_momentum)) in enumerate(zip(plan.params, directions)):
+    for i, (p, (d, t, new_momentum)) in enumerate(zip(plan.params, directions)):
         row = plan.group_rows[plan.group_list[i]]
         if new_momentum is not None:
             plan.momentum[i].copy_(new_momentum)
         scale = (row[RHO] / (norm + plan.eps)).to(p.device)
         backups.append(p.detach().clone())
-        e = (p.float() ** 2 if row[ADAPTIVE] else 1.0) * d * scale
+        e = (t**2 if t is not None else 1.0) * d * scale
         p.add_(e)
 
 

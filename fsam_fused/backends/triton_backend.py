@@ -14,47 +14,14 @@ memory, so CUDA tensors cannot go through it).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from ..plan import ADAPTIVE, COEF_COLUMNS, LMBDA, RHO, SIGMA, DevicePlan
+from .. import kernels  # kernels/, mapped to fsam_fused.kernels by setup.py (editable installs too)
+from ..plan import DevicePlan
 
 name = "triton"
-
-
-def _import_kernels() -> ModuleType:
-    """``fsam_fused.kernels``, also from a source checkout that was not installed.
-
-    setup.py installs ``kernels/`` as ``fsam_fused.kernels``; running from a checkout
-    with ``PYTHONPATH`` set, that directory sits beside the package instead.
-    """
-    try:
-        return importlib.import_module("fsam_fused.kernels")
-    except ModuleNotFoundError as exc:
-        source = Path(__file__).resolve().parents[2] / "kernels"
-        if exc.name != "fsam_fused.kernels" or not (source / "__init__.py").is_file():
-            raise
-    spec = importlib.util.spec_from_file_location(
-        "fsam_fused.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
-
-
-kernels = _import_kernels()
-
-assert (RHO, SIGMA, LMBDA, ADAPTIVE, COEF_COLUMNS) == (0, 1, 2, 3, 4), "kernels/coef.py reads this layout"
 
 device_types = {"cpu"} if kernels.INTERPRETED else {"cuda"}
 
@@ -103,5 +70,5 @@ def restore_(plan: DevicePlan) -> None:
 
 
 def _coef(plan: DevicePlan) -> Tensor:
-    assert plan.coef is not None and plan.coef.is_contiguous(), "the kernels read coef as a dense [n, 4]"
+    assert plan.coef is not None and plan.coef.is_contiguous(), "the kernels read coef as a dense table"
     return plan.coef
