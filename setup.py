@@ -15,7 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_ext  # noqa: E402
 
 setup(
-    packages=["fsam_fused", "fsam_fused.backends", "fsam_fused.kernels", "fsam_fused.bench"],
+    packages=[
+        "fsam_fused",
+        "fsam_fused.backends",
+        "fsam_fused.kernels",
+        "fsam_fused.bench",
+        "fsam_fused.bench.study",
+    ],
     package_dir={"fsam_fused.kernels": "kernels", "fsam_fused.bench": "benchmarks"},
     ext_modules=build_ext.extensions(),
     cmdclass=build_ext.cmdclass(),
