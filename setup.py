@@ -21,6 +21,7 @@ setup(
         "fsam_fused.integrations",
         "fsam_fused.kernels",
         "fsam_fused.bench",
+        "fsam_fused.bench.study",
     ],
     package_dir={"fsam_fused.kernels": "kernels", "fsam_fused.bench": "benchmarks"},
     ext_modules=build_ext.extensions(),
