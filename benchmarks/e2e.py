@@ -24,6 +24,7 @@ from .measure import Budget, Summary, time_interleaved
 SGD_KWARGS = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)  # the authors' CIFAR settings
 SGD_VARIANT = "sgd"
 SAM_REFERENCE = "sam_reference"
+SAM_INTERVALS = (2, 5)
 
 
 @dataclass
@@ -66,21 +67,40 @@ def _sam_step(
     return step
 
 
+def _interval_steps(
+    model: torch.nn.Module, opt: FriendlySAM, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """``opt.sam_interval`` iterations: a SAM step where due, a plain step otherwise."""
+    sam_step = _sam_step(model, opt, x, y)
+
+    def steps() -> None:
+        for _ in range(opt.sam_interval):
+            if opt.sam_due:
+                sam_step()
+            else:
+                F.cross_entropy(model(x), y).backward()
+                opt.plain_step(zero_grad=True)
+
+    return steps
+
+
 def run_e2e(
     fast_backends: list[str],
     device: torch.device,
     batch: int,
     budget: Budget,
     progress: Callable[[str], None],
+    architecture: Callable[[], torch.nn.Module] = ResNet18Cifar,
 ) -> list[E2EResult]:
-    """Time every variant, interleaved, each on its own copy of the same initial model."""
+    """Time every variant, interleaved, each on its own copy of the same initial model
+    (``architecture``: a module taking 3x32x32 images and giving 10 logits)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(10, (batch,), generator=gen).to(device)
 
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
-        return ResNet18Cifar().to(device)
+        return architecture().to(device)
 
     steps: dict[str, Callable[[], None]] = {SGD_VARIANT: _sgd_step(model(), x, y)}
     m = model()
@@ -93,12 +113,22 @@ def run_e2e(
             m.parameters(), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.6, backend=backend, **SGD_KWARGS
         )
         steps[f"fsam_{backend}"] = _sam_step(m, opt, x, y)
+    iterations = dict.fromkeys(steps, 1)
+    for k in SAM_INTERVALS if fast_backends else ():
+        m = model()
+        opt = FriendlySAM(
+            m.parameters(), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.6, sam_interval=k,
+            backend=fast_backends[0], **SGD_KWARGS,
+        )  # fmt: skip
+        name = f"fsam_{fast_backends[0]}_every{k}"
+        steps[name], iterations[name] = _interval_steps(m, opt, x, y), k
     progress(f"e2e: timing {', '.join(steps)} (ResNet-18 CIFAR, batch {batch}) interleaved")
     timings = time_interleaved({name: [step] for name, step in steps.items()}, device, budget)
     sgd = timings[SGD_VARIANT][1].median
     sam = timings[SAM_REFERENCE][1].median
     results = []
     for name, (_, total) in timings.items():
+        total = total.scaled(1 / iterations[name])
         result = E2EResult(name, total, vs_sgd=total.median / sgd)
         if name.startswith("fsam_"):
             result.vs_sam_reference = total.median / sam

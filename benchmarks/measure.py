@@ -36,6 +36,12 @@ class Summary:
         q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
         return cls(median=statistics.median(ordered), p25=q[0], p75=q[2], min=ordered[0], reps=len(ordered))
 
+    def scaled(self, factor: float) -> Summary:
+        """The same statistics of the timings multiplied by ``factor`` (e.g. per iteration)."""
+        return Summary(
+            self.median * factor, self.p25 * factor, self.p75 * factor, self.min * factor, self.reps
+        )
+
     @property
     def spread_pct(self) -> float:
         """Interquartile range as a percentage of the median."""
