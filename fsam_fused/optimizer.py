@@ -18,9 +18,8 @@ optimizer re-plan (:meth:`FriendlySAM._replan`), with every check applied.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -28,18 +27,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import amp, backends, distributed
-from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, GroupTable, Row, check_values, group_row
+from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, Row, check_values, group_row
 from .param_state import ParamState
-from .plan import DevicePlan, PlanCache, build_plan
-from .scan import Scan, make_scan
-from .state import FlatState, is_dense
+from .plan import Plans, StepPlanner
+from .state import FlatState
 
 try:
     from ._C import zero_grads as _zero_grads_compiled
 except ImportError:
     _zero_grads_compiled = None
-
-Plans = list[tuple[ModuleType, DevicePlan]]
 
 
 @dataclass
@@ -241,7 +237,7 @@ class FriendlySAM(torch.optim.Optimizer):
         check_values(" (in a param group)", *(param_group[k] for k in GROUP_KEYS))
         if self._base_built:
             self.base_optimizer.add_param_group(param_group)
-            self._scan = None
+            self._planner.scan = None
         else:
             super().add_param_group(param_group)
 
@@ -264,13 +260,7 @@ class FriendlySAM(torch.optim.Optimizer):
     def _reset_step_cache(self) -> None:
         """Forget flat buffers, plans and tables; the next step rebuilds them, carrying the
         momentum over from ``self.state`` (whose entries still hold it)."""
-        self._flat = FlatState(with_momentum=self._uses_momentum)
-        self._plan_cache = PlanCache()
-        self._tables: dict[torch.device, GroupTable] = {}
-        self._scan: Scan | None = None
-        self._step_plans: Plans = []
-        self._param_ptrs: tuple[int, ...] | None = None
-        self._norm_groups: tuple[dist.ProcessGroup, ...] = ()
+        self._planner = StepPlanner(FlatState(with_momentum=self._uses_momentum), self._group_rows)
         previous = self.__dict__.get("_pending")
         self._pending = _PendingStep(steps_taken=previous.steps_taken if previous is not None else 0)
         if isinstance(self.state, ParamState):
@@ -279,124 +269,15 @@ class FriendlySAM(torch.optim.Optimizer):
     def _param_lists(self) -> list[list[Tensor]]:
         return [group["params"] for group in self.param_groups]
 
-    def _sync_state(self, lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        """Check the parameters and bring the flat state and ``self.state`` up to date.
-
-        Returns the parameters in order, their local parts and each one's group index.
-        """
-        params, local_parts, group_of = [], [], []
-        for g, group_params in enumerate(lists):
-            for i, p in enumerate(group_params):
-                if not isinstance(p, Tensor) or not p.dtype.is_floating_point or p.is_complex():
-                    raise ValueError(
-                        f"parameter {i} of param group {g} must be a real floating-point tensor, "
-                        f"got {p.dtype if isinstance(p, Tensor) else type(p).__name__}"
-                    )
-                local = distributed.local_tensor(p)
-                if not is_dense(local):
-                    raise ValueError(
-                        f"parameter {i} of param group {g} must be dense (contiguous or a permutation of "
-                        f"contiguous, such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
-                    )
-                params.append(p)
-                local_parts.append(local)
-                group_of.append(g)
-        if not isinstance(self.state, ParamState):  # replaced by the user: honour its entries
+    def _param_state(self) -> ParamState:
+        """``self.state``, wrapped again if the user replaced it with a plain mapping (whose
+        entries are then honoured, as in the authors' optimizer)."""
+        if not isinstance(self.state, ParamState):
             self.state = ParamState(self.state)
-        if self._flat.sync(params, local_parts):
-            self._norm_groups = distributed.norm_groups(params, self.process_group)
-            self._plan_cache.clear()
-            self.state.dirty = True  # new slots: carry the momentum over from the entries
-        if self.state.dirty:
-            self.state.adopt(params, self._flat, self._describe)  # clears dirty once all succeeded
-        return params, local_parts, group_of
+        return self.state
 
-    def _replan(self, lists: list[list[Tensor]]) -> None:
-        """The full check of a step: state, participation, gradients, plans (slow path)."""
-        self._scan = None  # until this succeeds: a failed check must be repeated next step
-        params, local_parts, group_of = self._sync_state(lists)
-        pointers = tuple(local.data_ptr() for local in local_parts)
-        if pointers != self._param_ptrs:  # a new storage: plans that cached addresses are stale
-            self._plan_cache.clear()
-            self._param_ptrs = pointers
-        scan = make_scan(lists)
-        scan.scan(lists)
-        grads = scan.grads(range(len(params)))
-        self._step_plans = self._plans_for(params, local_parts, group_of, grads, traced=False)
-        self._scan = scan
-
-    def _plans_for(
-        self,
-        params: list[Tensor],
-        local_parts: list[Tensor],
-        group_of: list[int],
-        grads: Sequence[Tensor | None],
-        *,
-        traced: bool,
-    ) -> Plans:
-        members: dict[tuple[torch.device, str], tuple[list[int], list[int], list[int]]] = {}
-        chosen: dict[str, ModuleType] = {}
-        for position, (p, local, grad) in enumerate(zip(params, local_parts, grads)):
-            if grad is None:
-                continue
-            if grad.layout != torch.strided:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients ({self._describe(p)}); "
-                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
-                )
-            device_type = local.device.type
-            if device_type not in chosen:
-                chosen[device_type] = backends.resolve(self.backend, device_type)
-            backend = chosen[device_type]
-            if not backend.supports(local.dtype):
-                backend = backends.resolve("torch", device_type)
-            _, slot = self._flat.slots[position]
-            slots, groups, positions = members.setdefault((local.device, backend.name), ([], [], []))
-            slots.append(slot)
-            groups.append(group_of[position])
-            positions.append(position)
-        plans = []
-        for (device, backend_name), (slots, groups, positions) in members.items():
-            key = (device, backend_name, tuple(positions))
-            plan = self._plan_cache.peek(key) if traced else self._plan_cache.get(key)
-            if plan is None:
-                plan = build_plan(self._flat.devices[device], slots, groups, positions, traced=traced)
-                self._plan_cache.put(key, plan)
-            plans.append((backends.resolve(backend_name, device.type), plan))
-        return plans
-
-    def _traced_plans(self) -> tuple[Plans, list[list[Tensor]]]:
-        """Plans and gradients inside ``torch.compile``: the flat state comes from an eager step."""
-        if not self._flat.slots:
-            raise RuntimeError("run one eager first_step/second_step before calling a compiled first_step")
-        params, local_parts, group_of, grads = [], [], [], []
-        for g, group in enumerate(self._groups_ref.groups):
-            for p in group["params"]:
-                local = distributed.local_tensor(p)
-                grad = p.grad
-                if grad is not None:
-                    grad = distributed.local_tensor(grad)
-                    if grad.stride() != local.stride():
-                        grad = torch.empty_like(local).copy_(grad)
-                params.append(p)
-                local_parts.append(local)
-                group_of.append(g)
-                grads.append(grad)
-        if len(params) != len(self._flat.params) or any(
-            p is not q for p, q in zip(params, self._flat.params)
-        ):
-            raise RuntimeError(
-                "the parameters changed since the last eager step; run one eager first_step/second_step "
-                "before calling the compiled first_step again"
-            )
-        plans = self._plans_for(params, local_parts, group_of, grads, traced=True)
-        return plans, [[grads[i] for i in plan.positions] for _, plan in plans]
-
-    def _table(self, device: torch.device) -> GroupTable:
-        table = self._tables.get(device)
-        if table is None:
-            table = self._tables[device] = GroupTable(device, self._group_rows)
-        return table
+    def _sync_state(self) -> None:
+        self._planner.sync_state(self._param_lists(), self._param_state(), self._describe, self.process_group)
 
     def sync_hyperparameters(self) -> None:
         """Copy the param groups' ``rho``/``sigma``/``lmbda``/``adaptive`` to the device tables now.
@@ -405,10 +286,10 @@ class FriendlySAM(torch.optim.Optimizer):
         changing one of them: a replay runs no Python.
         """
         rows = self._group_rows()
-        if not self._flat.devices:
-            self._sync_state(self._param_lists())
-        for device in self._flat.devices:
-            self._table(device).refresh(rows)
+        if not self._planner.flat.devices:
+            self._sync_state()
+        for device in self._planner.flat.devices:
+            self._planner.table(device).refresh(rows)
 
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -474,6 +355,7 @@ class FriendlySAM(torch.optim.Optimizer):
     def _perturb(self, grad_scaler: torch.amp.GradScaler | None, *, plain: bool) -> None:
         """The first half of a step: EMA of the momentum, backup, ``p <- p + e`` (``e = 0`` when
         ``plain``); leaves what the second half needs in ``self._pending``."""
+        planner = self._planner
         inv_scale = None
         if grad_scaler is not None:
             amp.check_first_pass_scaled(grad_scaler, self)
@@ -484,31 +366,25 @@ class FriendlySAM(torch.optim.Optimizer):
             # for every group here (exact when fisher_eta is 0), so fisher_eta is not read either.
             groups = self._groups_ref.groups
             rows, adaptive, fisher = None, [group["adaptive"] for group in groups], [True] * len(groups)
-            plans, traced_grads = self._traced_plans()
+            plans, traced_grads = planner.traced(groups, self.backend, self._describe)
             source = None
         else:
             rows = self._group_rows()
             adaptive = [row[ADAPTIVE] != 0 for row in rows]
             fisher = [row[FISHER_ETA] != 0 for row in rows]
             lists = self._param_lists()
-            if (
-                self._scan is None
-                or self.state is not getattr(self, "_bound_state", None)
-                or self.state.dirty
-            ):
-                self._replan(lists)
-            elif self._scan.scan(lists):
-                self._replan(lists)
-            self._bound_state = self.state
-            plans, traced_grads, source = self._step_plans, None, self._scan
+            state = self._param_state()
+            if planner.scan is None or state.dirty or planner.scan.scan(lists):
+                planner.replan(lists, self.backend, state, self._describe, self.process_group)
+            plans, traced_grads, source = planner.plans, None, planner.scan
         if grad_scaler is not None:
-            for state in self._flat.devices.values():
+            for state in planner.flat.devices.values():
                 state.save_momentum()
         main = self._main_device()
         total = torch.zeros((), dtype=torch.float32, device=main)
         for index, (backend, plan) in enumerate(plans):
             plan.attach(
-                source, self._table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
+                source, planner.table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
             )
             if plain:
                 plan.coef[:, RHO] = 0.0  # this step's copy of the table: e = 0, the EMA as usual
@@ -516,7 +392,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 plan.grads = traced_grads[index]
             plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
             total = total + backend.sq_norm(plan).to(main)
-        total = distributed.all_reduce_sum_(total, self._norm_groups)
+        total = distributed.all_reduce_sum_(total, planner.flat.norm_groups)
         if self.replica_group is not None:
             total = distributed.nonfinite_if_any_rank(total, self.replica_group)
         step_ok = torch.isfinite(total)
@@ -535,7 +411,7 @@ class FriendlySAM(torch.optim.Optimizer):
         found_inf = self._pending.found_inf
         if grad_scaler is not None and grad_scaler.is_enabled():
             found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
-            for device, state in self._flat.devices.items():
+            for device, state in self._planner.flat.devices.items():
                 state.rollback_momentum(found_inf.to(device))
         self._base_step(found_inf)
         self._skipped += found_inf.to(self._skipped.device)
@@ -560,7 +436,7 @@ class FriendlySAM(torch.optim.Optimizer):
         for backend, plan in pending.plans:
             backend.restore_(plan)
         if pending.momentum_saved:
-            for device, state in self._flat.devices.items():
+            for device, state in self._planner.flat.devices.items():
                 state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
         pending.finish(completed=False)
 
@@ -639,8 +515,8 @@ class FriendlySAM(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Our state (``momentum`` per parameter), the param groups, and the base optimizer's state."""
-        if self._flat.location and not self._pending.perturbed:
-            self._sync_state(self._param_lists())  # edits of optimizer.state since the last step
+        if self._planner.flat.location and not self._pending.perturbed:
+            self._sync_state()  # edits of optimizer.state since the last step
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
@@ -691,7 +567,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self._base_stepped = bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0))
         self._reset_step_cache()
         self._pending.steps_taken = int(extra.get("steps_taken", 0))
-        self._sync_state(self._param_lists())
+        self._sync_state()
 
     # -------------------------------------------------------- copy and pickle
     _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "sam_interval", "_backend", "_skipped",

@@ -14,13 +14,15 @@ and adopting them carries the momentum over.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from .state import FlatState
+
+if TYPE_CHECKING:
+    from .state import FlatState
 
 MOMENTUM = "momentum"
 SEEDED = "momentum_seeded"

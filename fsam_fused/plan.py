@@ -19,17 +19,23 @@ and ``m <- 0 * m + g``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .hparams import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA, Row
-from .scan import Scan
-from .state import DeviceState
+from . import backends, distributed
+from .hparams import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA, GroupTable, Row
+from .scan import Scan, make_scan
+from .state import DeviceState, FlatState, checked_parameters
 from .upload import Staging
+
+if TYPE_CHECKING:
+    from .param_state import ParamState
 
 __all__ = [
     "ADAPTIVE",
@@ -41,6 +47,8 @@ __all__ = [
     "SIGMA",
     "DevicePlan",
     "PlanCache",
+    "Plans",
+    "StepPlanner",
     "build_plan",
 ]
 
@@ -201,3 +209,141 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._plans)
+
+
+Plans = list[tuple[ModuleType, DevicePlan]]
+
+
+class StepPlanner:
+    """Each step's plans, and everything kept between steps to find them cheaply.
+
+    While the scan sees nothing change since the last step, the last step's plans serve
+    again; otherwise :meth:`replan` applies every check (parameters, state, gradients) and
+    finds them again, from the cache of the last participation patterns where it can.
+
+    Args:
+        flat: the optimizer's flat state.
+        rows_now: the param groups' current table rows (checked), for the device tables.
+    """
+
+    def __init__(self, flat: FlatState, rows_now: Callable[[], tuple[Row, ...]]) -> None:
+        self.flat = flat
+        self.rows_now = rows_now
+        self.cache = PlanCache()
+        self.tables: dict[torch.device, GroupTable] = {}
+        self.scan: Scan | None = None
+        self.plans: Plans = []
+        self._pointers: tuple[int, ...] | None = None
+
+    def table(self, device: torch.device) -> GroupTable:
+        """The group table of ``device``."""
+        table = self.tables.get(device)
+        if table is None:
+            table = self.tables[device] = GroupTable(device, self.rows_now)
+        return table
+
+    def sync_state(
+        self,
+        lists: Sequence[Sequence[Tensor]],
+        param_state: ParamState,
+        describe: Callable[[Tensor], str],
+        process_group: dist.ProcessGroup | None,
+    ) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """Check the parameters and bring the flat state and ``param_state`` up to date; returns
+        the parameters in order, their local parts and group indices (see checked_parameters)."""
+        params, local_parts, group_of = checked_parameters(lists)
+        if self.flat.update(params, local_parts, param_state, describe, process_group):
+            self.cache.clear()
+        return params, local_parts, group_of
+
+    def replan(
+        self,
+        lists: list[list[Tensor]],
+        backend: str,
+        param_state: ParamState,
+        describe: Callable[[Tensor], str],
+        process_group: dist.ProcessGroup | None,
+    ) -> None:
+        """The full check of a step: state, participation, gradients, plans."""
+        self.scan = None  # until this succeeds: a failed check must be repeated next step
+        params, local_parts, group_of = self.sync_state(lists, param_state, describe, process_group)
+        pointers = tuple(local.data_ptr() for local in local_parts)
+        if pointers != self._pointers:  # a new storage: plans that cached addresses are stale
+            self.cache.clear()
+            self._pointers = pointers
+        scan = make_scan(lists)
+        scan.scan(lists)
+        grads = scan.grads(range(len(params)))
+        self.plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=False)
+        self.scan = scan
+
+    def traced(
+        self, groups: list[dict[str, Any]], backend: str, describe: Callable[[Tensor], str]
+    ) -> tuple[Plans, list[list[Tensor]]]:
+        """Plans and gradients inside ``torch.compile``: the flat state comes from an eager step."""
+        if not self.flat.slots:
+            raise RuntimeError("run one eager first_step/second_step before calling a compiled first_step")
+        params, local_parts, group_of, grads = [], [], [], []
+        for g, group in enumerate(groups):
+            for p in group["params"]:
+                local = distributed.local_tensor(p)
+                grad = p.grad
+                if grad is not None:
+                    grad = distributed.local_tensor(grad)
+                    if grad.stride() != local.stride():
+                        grad = torch.empty_like(local).copy_(grad)
+                params.append(p)
+                local_parts.append(local)
+                group_of.append(g)
+                grads.append(grad)
+        known = self.flat.params
+        if len(params) != len(known) or any(p is not q for p, q in zip(params, known)):
+            raise RuntimeError(
+                "the parameters changed since the last eager step; run one eager first_step/second_step "
+                "before calling the compiled first_step again"
+            )
+        plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=True)
+        return plans, [[grads[i] for i in plan.positions] for _, plan in plans]
+
+    def _plans_for(
+        self,
+        backend_name: str,
+        params: list[Tensor],
+        local_parts: list[Tensor],
+        group_of: list[int],
+        grads: Sequence[Tensor | None],
+        describe: Callable[[Tensor], str],
+        *,
+        traced: bool,
+    ) -> Plans:
+        """Group the parameters with a gradient by device and backend; a plan for each."""
+        members: dict[tuple[torch.device, str], tuple[list[int], list[int], list[int]]] = {}
+        chosen: dict[str, ModuleType] = {}
+        for position, (p, local, grad) in enumerate(zip(params, local_parts, grads)):
+            if grad is None:
+                continue
+            if grad.layout != torch.strided:
+                raise RuntimeError(
+                    f"sparse gradients are not supported ({describe(p)}); use dense gradients "
+                    "(e.g. nn.Embedding(sparse=False))"
+                )
+            device_type = local.device.type
+            if device_type not in chosen:
+                chosen[device_type] = backends.resolve(backend_name, device_type)
+            backend = chosen[device_type]
+            if not backend.supports(local.dtype):
+                backend = backends.resolve("torch", device_type)
+            _, slot = self.flat.slots[position]
+            slots, groups, positions = members.setdefault((local.device, backend.name), ([], [], []))
+            slots.append(slot)
+            groups.append(group_of[position])
+            positions.append(position)
+        plans = []
+        for (device, name), (slots, groups, positions) in members.items():
+            key = (device, name, tuple(positions))
+            plan = self.cache.peek(key) if traced else self.cache.get(key)
+            if plan is None:
+                plan = build_plan(self.flat.devices[device], slots, groups, positions, traced=traced)
+                self.cache.put(key, plan)
+            plans.append((backends.resolve(name, device.type), plan))
+        return plans

@@ -20,8 +20,17 @@ per-parameter views (see :mod:`fsam_fused.param_state`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from . import distributed
+
+if TYPE_CHECKING:
+    from .param_state import ParamState
 
 
 def is_dense(t: Tensor) -> bool:
@@ -162,6 +171,29 @@ class DeviceState:
         self.seeded.lerp_(self._saved_seeded, flag)
 
 
+def checked_parameters(lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """The parameters of the param groups' lists, in order, their local parts (a DTensor's
+    shard, else the parameter) and each one's group index; refuses what the state cannot hold."""
+    params, local_parts, group_of = [], [], []
+    for g, group_params in enumerate(lists):
+        for i, p in enumerate(group_params):
+            if not isinstance(p, Tensor) or not p.dtype.is_floating_point or p.is_complex():
+                raise ValueError(
+                    f"parameter {i} of param group {g} must be a real floating-point tensor, "
+                    f"got {p.dtype if isinstance(p, Tensor) else type(p).__name__}"
+                )
+            local = distributed.local_tensor(p)
+            if not is_dense(local):
+                raise ValueError(
+                    f"parameter {i} of param group {g} must be dense (contiguous or a permutation of "
+                    f"contiguous, such as channels_last); got shape {tuple(p.shape)} strides {p.stride()}"
+                )
+            params.append(p)
+            local_parts.append(local)
+            group_of.append(g)
+    return params, local_parts, group_of
+
+
 class FlatState:
     """The device states of one optimizer, kept in step with its parameters.
 
@@ -171,6 +203,8 @@ class FlatState:
 
     def __init__(self, *, with_momentum: bool) -> None:
         self.with_momentum = with_momentum
+        # The process groups the squared norm of the local parts is summed over (distributed.py).
+        self.norm_groups: tuple[dist.ProcessGroup, ...] = ()
         self.devices: dict[torch.device, DeviceState] = {}
         self.location: dict[Tensor, tuple[DeviceState, int]] = {}
         # The same, by position in the optimizer's parameter order: traced code (torch.compile)
@@ -205,6 +239,24 @@ class FlatState:
                 self.location[p] = (devices[local.device], next_slot[local.device])
                 self.slots.append((local.device, next_slot[local.device]))
                 next_slot[local.device] += 1
+        return rebuilt
+
+    def update(
+        self,
+        params: list[Tensor],
+        local_parts: list[Tensor],
+        param_state: ParamState,
+        describe: Callable[[Tensor], str],
+        process_group: dist.ProcessGroup | None,
+    ) -> bool:
+        """Bring the buffers and ``param_state`` (``optimizer.state``) up to date with the
+        parameters; True when buffers were rebuilt (the momentum carried over)."""
+        rebuilt = self.sync(params, local_parts)
+        if rebuilt:
+            self.norm_groups = distributed.norm_groups(params, process_group)
+            param_state.dirty = True  # new slots: carry the momentum over from the entries
+        if param_state.dirty:
+            param_state.adopt(params, self, describe)  # clears dirty once all succeeded
         return rebuilt
 
     def momentum(self, p: Tensor) -> Tensor | None:

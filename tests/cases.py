@@ -117,8 +117,8 @@ def build_optimizer(case: Case, params: list[Tensor], backend: str, base=torch.o
 
 def poison_backups(opt: FriendlySAM) -> None:
     """Fill the optimizer's backup buffers with NaN so that unwritten elements show."""
-    opt._sync_state(opt._param_lists())
-    for state in opt._flat.devices.values():
+    opt._sync_state()
+    for state in opt._planner.flat.devices.values():
         assert state.backup  # allocates the buffers
         for flat in state.backup_flat.values():
             flat.fill_(math.nan)
@@ -135,12 +135,13 @@ def random_step(opt: FriendlySAM, params: list[Tensor], gen: torch.Generator) ->
 def attached_plans(opt: FriendlySAM) -> list:
     """The (backend, plan) pairs of the step the current gradients make, ready for the backend ops
     (what first_step does before it calls them)."""
-    opt._replan(opt._param_lists())
+    planner = opt._planner
+    planner.replan(opt._param_lists(), opt.backend, opt._param_state(), opt._describe, None)
     rows = opt._group_rows()
     adaptive, fisher = [row[ADAPTIVE] != 0 for row in rows], [row[FISHER_ETA] != 0 for row in rows]
-    for _, plan in opt._step_plans:
-        plan.attach(opt._scan, opt._table(plan.device).refresh(rows), rows, adaptive, fisher, opt.eps)
-    return opt._step_plans
+    for _, plan in planner.plans:
+        plan.attach(planner.scan, planner.table(plan.device).refresh(rows), rows, adaptive, fisher, opt.eps)
+    return planner.plans
 
 
 @dataclass

@@ -86,7 +86,7 @@ def test_sam_is_fsam_with_sigma_zero_and_keeps_no_momentum(backend):
             opt.second_step(zero_grad=True)
     torch.testing.assert_close(p1, p2)
     assert "momentum" not in sam.state[p1]
-    assert all(s.momentum_flat is None for s in sam._flat.devices.values())
+    assert all(s.momentum_flat is None for s in sam._planner.flat.devices.values())
 
 
 def test_parameter_without_grad_is_untouched_and_seeded_when_its_grad_arrives(backend):

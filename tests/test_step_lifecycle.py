@@ -55,7 +55,7 @@ def test_plans_stay_bounded_and_every_participation_pattern_matches_the_referenc
                 p.grad, q.grad = g, (g.clone() if g is not None else None)
             (opt.first_step if half == 0 else opt.second_step)(zero_grad=True)
             (ref.first_step if half == 0 else ref.second_step)(zero_grad=True)
-        assert len(opt._plan_cache) <= MAX_CACHED_PLANS
+        assert len(opt._planner.cache) <= MAX_CACHED_PLANS
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["momentum"], ref.state[q]["momentum"], rtol=1e-5, atol=1e-6)

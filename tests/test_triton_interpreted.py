@@ -179,7 +179,7 @@ def _plan(seed, inv_scale=None):
     )  # fmt: skip
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
-    opt._sync_state(opt._param_lists())
+    opt._sync_state()
     opt.state[params[0]]["momentum"].copy_(torch.randn(5, generator=g))
     opt.state[params[0]]["momentum_seeded"].fill_(1.0)
     ((_, plan),) = attached_plans(opt)
