@@ -49,6 +49,7 @@ INTERPRETED_MODULES = [
     "tests/test_parameter_swaps.py",
     "tests/test_step_lifecycle.py",
     "tests/test_sam_variants.py",
+    "tests/test_invalidation.py",
 ]
 INTERPRETED_SELECTION = "triton and not 200_steps"
 
