@@ -125,7 +125,7 @@ class NoFirstBackward(FSAMClassifier):
         ),
         (StepWithoutClosure, {}, "without a closure"),
         (StepWithoutClosure, dict(plugins=[SAMMixedPrecision("16-mixed", "cpu")]), "without a closure"),
-        (NoFirstBackward, {}, "without a first backward"),
+        (NoFirstBackward, {}, "found no gradient: run the first forward and backward"),
         (FSAMClassifier, dict(plugins=[MixedPrecision("16-mixed", "cpu")]), "SAMMixedPrecision"),
     ],
     ids=[

@@ -9,8 +9,9 @@ call through the precision plugin, which counts the step (``global_step``) and r
 Two things Lightning cannot tell by itself, so this module adds them:
 
 * :class:`SAMStepChecks`, a callback, turns the silent mistakes into errors: automatic
-  optimisation left on (Lightning would call ``step(closure)`` before any backward),
-  ``optimizer.step()`` without the closure, a step without the first backward.
+  optimisation left on (Lightning would call ``step(closure)`` before any backward) and
+  ``optimizer.step()`` without the closure. (A step without the first backward is refused by
+  the optimizer itself: ``step(closure)`` finds no gradient.)
 * :class:`SAMMixedPrecision`, the ``"16-mixed"`` precision plugin for F-SAM. Lightning's own
   runs the closure *before* calling ``optimizer.step()`` and then steps through
   ``scaler.step(optimizer)`` with no closure, so the second pass cannot fall between the two
@@ -51,12 +52,8 @@ class SAMStepChecks(pl.Callback):
 
     Return it from ``configure_callbacks`` (or pass it to the Trainer). It checks, for the
     optimizers that are ours: manual optimisation; no stock ``"16-mixed"`` GradScaler (use
-    :class:`SAMMixedPrecision`); at each step, that a backward ran before ``optimizer.step``
-    and that the closure ran one too.
+    :class:`SAMMixedPrecision`); at each step, that the closure ran a backward pass.
     """
-
-    def __init__(self) -> None:
-        self._backwards = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not any(isinstance(opt, FriendlySAM) for opt in trainer.optimizers):
@@ -71,14 +68,6 @@ class SAMStepChecks(pl.Callback):
                 "to the Trainer instead of precision='16-mixed'"
             )
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._backwards = 0
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._backwards += 1
-
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
@@ -87,11 +76,6 @@ class SAMStepChecks(pl.Callback):
             return
         if not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
             raise RuntimeError(_NO_CLOSURE)
-        if self._backwards < 2:
-            raise RuntimeError(
-                "optimizer.step(closure) ran without a first backward pass before it, so there was "
-                "no gradient to perturb with: call self.manual_backward(loss) first"
-            )
 
 
 class SAMMixedPrecision(MixedPrecision):
