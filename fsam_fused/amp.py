@@ -28,16 +28,27 @@ def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
     return scale.double().reciprocal().float()
 
 
+def traced_inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """:func:`inverse_scale` inside ``torch.compile``, which does not trace GradScaler's methods: its
+    attributes are read instead (an eager step before has checked the scaler and made its scale)."""
+    if not scaler._enabled:
+        return None
+    return scaler._scale.double().reciprocal().float()
+
+
+def unscaled_already(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` ran since the last ``scaler.update()``."""
+    record = scaler._per_optimizer_states.get(id(optimizer)) if scaler.is_enabled() else None
+    return record is not None and record["stage"] is OptState.UNSCALED
+
+
 def check_first_pass_scaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
     """Raise if ``scaler.unscale_(optimizer)`` already ran in this iteration, before ``first_step``.
 
     ``first_step`` unscales the first-pass gradients as it reads them; unscaled twice, the
     perturbation would shrink by the scale, and the second pass would never be unscaled.
     """
-    if not scaler.is_enabled():
-        return
-    record = scaler._per_optimizer_states.get(id(optimizer))
-    if record is not None and record["stage"] is OptState.UNSCALED:
+    if unscaled_already(scaler, optimizer):
         raise RuntimeError(
             "scaler.unscale_(optimizer) ran before first_step(grad_scaler=scaler): first_step unscales "
             "the first-pass gradients itself. Call scaler.unscale_ only after the second backward "

@@ -185,7 +185,10 @@ class FriendlySAM(torch.optim.Optimizer):
         if getattr(base, "_step_supports_amp_scaling", False):
             self._base_found_inf = torch.zeros((), dtype=torch.float32, device=self._main_device())
             base.found_inf = self._base_found_inf
-        self._base_stepped = False
+        # The parameters the base optimizer has stepped (so its state for them exists), and whether
+        # this step has a parameter outside them; see _base_step.
+        self._base_ready: set[Tensor] = set()
+        self._base_new = True
         self._backend = backend
         self.backend = backend
 
@@ -198,6 +201,24 @@ class FriendlySAM(torch.optim.Optimizer):
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
         self.__dict__.setdefault("_groups_ref", _GroupsRef(groups)).groups = groups
+        if self.__dict__.get("_base_built"):
+            # One list for both, as the constructor made it: the base optimizer steps what we perturb.
+            self.base_optimizer.param_groups = groups
+            self._planner.scan = None
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """``optimizer.state``: per-parameter entries (see :mod:`fsam_fused.param_state`); replaceable."""
+        return self.__dict__["_state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        previous = self.__dict__.get("_state")
+        self.__dict__["_state"] = value
+        if isinstance(previous, ParamState):
+            # (Traced code never reads ``state`` through the optimizer, where torch.compile would
+            # guard every group value: it asks the mapping the last eager step synced, now stale.)
+            previous.dirty = True
 
     @property
     def backend(self) -> str:
@@ -237,7 +258,7 @@ class FriendlySAM(torch.optim.Optimizer):
         check_values(" (in a param group)", *(param_group[k] for k in GROUP_KEYS))
         if self._base_built:
             self.base_optimizer.add_param_group(param_group)
-            self._planner.scan = None
+            self._planner.scan = None  # the next step re-plans (and sees the new parameters)
         else:
             super().add_param_group(param_group)
 
@@ -357,7 +378,11 @@ class FriendlySAM(torch.optim.Optimizer):
         ``plain``); leaves what the second half needs in ``self._pending``."""
         planner = self._planner
         inv_scale = None
-        if grad_scaler is not None:
+        if grad_scaler is not None and torch.compiler.is_compiling():
+            inv_scale = amp.traced_inverse_scale(grad_scaler)
+        elif grad_scaler is not None and not (plain and amp.unscaled_already(grad_scaler, self)):
+            # (A plain step's gradient is the one its base step takes: like second_step's, it may
+            # have been unscaled already, to clip it.)
             amp.check_first_pass_scaled(grad_scaler, self)
             inv_scale = amp.inverse_scale(grad_scaler)
         if torch.compiler.is_compiling():
@@ -365,6 +390,11 @@ class FriendlySAM(torch.optim.Optimizer):
             # ``adaptive``, which decides the ops of the torch backend; it runs the Fisher ops
             # for every group here (exact when fisher_eta is 0), so fisher_eta is not read either.
             groups = self._groups_ref.groups
+            if planner.state_edits is None or planner.state_edits.dirty:
+                raise RuntimeError(
+                    "optimizer.state was edited since the last eager step; run one eager first_step/"
+                    "second_step before calling the compiled first_step again"
+                )
             rows, adaptive, fisher = None, [group["adaptive"] for group in groups], [True] * len(groups)
             plans, traced_grads = planner.traced(groups, self.backend, self._describe)
             source = None
@@ -376,6 +406,7 @@ class FriendlySAM(torch.optim.Optimizer):
             state = self._param_state()
             if planner.scan is None or state.dirty or planner.scan.scan(lists):
                 planner.replan(lists, self.backend, state, self._describe, self.process_group)
+                self._note_participants()
             plans, traced_grads, source = planner.plans, None, planner.scan
         if grad_scaler is not None:
             for state in planner.flat.devices.values():
@@ -440,13 +471,22 @@ class FriendlySAM(torch.optim.Optimizer):
                 state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
         pending.finish(completed=False)
 
+    def _note_participants(self) -> None:
+        """After a re-plan: does this step's set of parameters with a gradient hold one that the base
+        optimizer has not stepped yet (a first step, a group added, a layer that starts training)?"""
+        flat_params = self._planner.flat.params
+        self._base_ready.intersection_update(flat_params)  # forget parameters no longer here
+        self._base_new = any(
+            flat_params[i] not in self._base_ready for _, plan in self._planner.plans for i in plan.positions
+        )
+
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
         flag = self._base_found_inf
-        # Until the base optimizer has taken one step, its state does not exist yet, and a
-        # fused base optimizer told to skip its first step leaves the state it creates
-        # uninitialised (torch's fused SGD does): so the first steps are decided on the host.
-        if flag is not None and self._base_stepped:
+        # Until the base optimizer has stepped a parameter, its state for it does not exist, and a
+        # fused base optimizer told to skip the step that creates it leaves that state
+        # uninitialised (torch's fused SGD does): so such steps are decided on the host.
+        if flag is not None and not self._base_new:
             if getattr(base, "found_inf", None) is not flag:
                 base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
             flag.copy_(found_inf)
@@ -456,7 +496,9 @@ class FriendlySAM(torch.optim.Optimizer):
                 flag.zero_()  # a direct base_optimizer.step() later is not skipped
         elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
             base.step()
-            self._base_stepped = True
+            flat_params = self._planner.flat.params
+            self._base_ready.update(flat_params[i] for _, plan in self._pending.plans for i in plan.positions)
+            self._base_new = False
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
@@ -502,7 +544,13 @@ class FriendlySAM(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of every parameter (to None by default), in one C++ loop when built."""
-        if set_to_none and _zero_grads_compiled is not None and not torch.compiler.is_compiling():
+        if set_to_none and torch.compiler.is_compiling():
+            # (torch.optim.Optimizer.zero_grad is on dynamo's skip list: a fullgraph
+            # first_step(zero_grad=True) would break there.)
+            for params in self._param_lists():
+                for p in params:
+                    p.grad = None
+        elif set_to_none and _zero_grads_compiled is not None:
             _zero_grads_compiled(self._param_lists())
         else:
             super().zero_grad(set_to_none)
@@ -522,7 +570,7 @@ class FriendlySAM(torch.optim.Optimizer):
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         state_dict["fsam_fused"] = {
             "skipped_steps": self._skipped.clone(),
-            "base_stepped": self._base_stepped,
+            "base_stepped": self._base_stepped(),
             "steps_taken": self._pending.steps_taken,
         }
         return state_dict
@@ -564,14 +612,26 @@ class FriendlySAM(torch.optim.Optimizer):
         self._skipped = (
             torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
         )
-        self._base_stepped = bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0))
-        self._reset_step_cache()
-        self._pending.steps_taken = int(extra.get("steps_taken", 0))
+        self._set_base_stepped(bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0)))
+        # The parameters did not change: flat buffers, plans and group tables stay (a compiled
+        # first_step keeps running on them); the loaded momentum is adopted into the slots now.
+        self._planner.scan = None
+        self._pending = _PendingStep(steps_taken=int(extra.get("steps_taken", 0)))
         self._sync_state()
+
+    def _base_stepped(self) -> bool:
+        """Whether the base optimizer has stepped every parameter (what checkpoints record)."""
+        return not self._base_new and all(
+            p in self._base_ready for group in self.param_groups for p in group["params"]
+        )
+
+    def _set_base_stepped(self, stepped: bool) -> None:
+        self._base_ready = {p for group in self.param_groups for p in group["params"]} if stepped else set()
+        self._base_new = not stepped
 
     # -------------------------------------------------------- copy and pickle
     _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "sam_interval", "_backend", "_skipped",
-                "_base_found_inf", "_base_stepped", "_base_built")  # fmt: skip
+                "_base_found_inf", "_base_built")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         if self._pending.perturbed:
@@ -587,12 +647,15 @@ class FriendlySAM(torch.optim.Optimizer):
         state = {key: self.__dict__[key] for key in self._PICKLED}
         state["state"] = {p: dict(entry) for p, entry in self.state.items()}
         state["steps_taken"] = self._pending.steps_taken
+        state["base_stepped"] = self._base_stepped()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         entries = state.pop("state")
         steps_taken = state.pop("steps_taken", 0)
+        base_stepped = state.pop("base_stepped", False)
         super().__setstate__(state)
+        self._set_base_stepped(base_stepped)
         self.process_group = self.replica_group = None
         self.state = ParamState(entries)
         if self._base_found_inf is not None:

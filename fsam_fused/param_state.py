@@ -59,14 +59,34 @@ class StateEntry(_Dirty, dict):
         dict.__init__(self, *args, **kwargs)
 
 
+class Edits:
+    """Whether a :class:`ParamState` was edited since the optimizer last adopted it.
+
+    A plain object of its own, so traced code (``torch.compile``) can read the flag without
+    touching the mapping, whose keys and values torch.compile would guard one by one.
+    """
+
+    def __init__(self) -> None:
+        self.dirty = True
+
+
 class ParamState(_Dirty, dict):
     """``optimizer.state``: like torch.optim's ``defaultdict(dict)``, with edits tracked."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._owner = self
-        self.dirty = True
+        self.edits = Edits()
         dict.__init__(self)
         self.update(*args, **kwargs)
+
+    @property
+    def dirty(self) -> bool:
+        """Edited since the optimizer last adopted the entries (see :meth:`adopt`)."""
+        return self.edits.dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self.edits.dirty = value
 
     def __missing__(self, key: Any) -> StateEntry:
         entry = StateEntry()
@@ -91,12 +111,15 @@ class ParamState(_Dirty, dict):
         An entry without ``momentum`` leaves its parameter unseeded (its next step is plain
         SAM and seeds the momentum with the gradient, as in the authors' optimizer); one with
         ``momentum`` but no ``momentum_seeded`` (the authors' format) is seeded. Entries that
-        already hold this slot's views copy nothing. ``describe(p)`` names a parameter in errors.
+        still hold the views this slot handed out copy nothing and keep them. ``describe(p)``
+        names a parameter in errors.
         """
         for p in params:
             entry = dict.get(self, p)
-            entry = StateEntry(entry if entry is not None else {})
-            entry._owner = self
+            # An entry of this mapping stays the same object: one a caller holds stays live.
+            if not (isinstance(entry, StateEntry) and entry._owner is self):
+                entry = StateEntry(entry if entry is not None else {})
+                entry._owner = self
             if flat.with_momentum:
                 self._adopt_momentum(p, entry, flat, describe)
             dict.__setitem__(self, p, entry)
@@ -107,9 +130,11 @@ class ParamState(_Dirty, dict):
         p: Tensor, entry: StateEntry, flat: FlatState, describe: Callable[[Tensor], str]
     ) -> None:
         slot, seeded = flat.momentum(p), flat.seeded(p)
-        if MOMENTUM not in entry:
+        given = entry.get(MOMENTUM)
+        if given is None:
             slot.zero_()
             seeded.zero_()
+            dict.__setitem__(entry, SEEDED, seeded)
         else:
             given = distributed.local_tensor(entry[MOMENTUM])
             if not isinstance(given, Tensor) or given.shape != slot.shape:
@@ -119,13 +144,18 @@ class ParamState(_Dirty, dict):
                     f"parameter's local shape is {tuple(slot.shape)}; assign a tensor of that shape, "
                     "or delete the entry (del optimizer.state[p]) to start its momentum afresh"
                 )
-            if not _same_memory(given, slot):
-                slot.copy_(given)
             flag = entry.get(SEEDED, 1.0)
-            if flag is not seeded:
+            if isinstance(flag, Tensor) and _same_memory(flag, seeded):
+                pass  # the slot's own flag: nothing to copy
+            else:
                 seeded.copy_(torch.as_tensor(flag, dtype=torch.float32))
-        dict.__setitem__(entry, MOMENTUM, distributed.like_param(slot, p))
-        dict.__setitem__(entry, SEEDED, seeded)
+                dict.__setitem__(entry, SEEDED, seeded)
+            if _same_memory(given, slot):
+                return  # the alias this slot handed out, still over the slot
+            slot.copy_(given)
+        # An alias of the slot, never the view the plans hold: ``.data = t`` on what users see
+        # must not reach a kernel (the scan watches it, and the next step adopts t instead).
+        dict.__setitem__(entry, MOMENTUM, distributed.like_param(slot.detach(), p))
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:

@@ -31,11 +31,11 @@ from torch import Tensor
 from . import backends, distributed
 from .hparams import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA, GroupTable, Row
 from .scan import Scan, make_scan
-from .state import DeviceState, FlatState, checked_parameters
+from .state import DeviceState, FlatState, checked_parameters, layout_of
 from .upload import Staging
 
 if TYPE_CHECKING:
-    from .param_state import ParamState
+    from .param_state import Edits, ParamState
 
 __all__ = [
     "ADAPTIVE",
@@ -233,6 +233,8 @@ class StepPlanner:
         self.tables: dict[torch.device, GroupTable] = {}
         self.scan: Scan | None = None
         self.plans: Plans = []
+        # The edit flag of the optimizer.state that the last sync brought up to date.
+        self.state_edits: Edits | None = None
         self._pointers: tuple[int, ...] | None = None
 
     def table(self, device: torch.device) -> GroupTable:
@@ -252,8 +254,10 @@ class StepPlanner:
         """Check the parameters and bring the flat state and ``param_state`` up to date; returns
         the parameters in order, their local parts and group indices (see checked_parameters)."""
         params, local_parts, group_of = checked_parameters(lists)
+        self.state_edits = None  # until this succeeds
         if self.flat.update(params, local_parts, param_state, describe, process_group):
             self.cache.clear()
+        self.state_edits = param_state.edits
         return params, local_parts, group_of
 
     def replan(
@@ -272,6 +276,7 @@ class StepPlanner:
             self.cache.clear()
             self._pointers = pointers
         scan = make_scan(lists)
+        scan.watch(self.flat.watched(param_state))
         scan.scan(lists)
         grads = scan.grads(range(len(params)))
         self.plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=False)
@@ -297,10 +302,17 @@ class StepPlanner:
                 group_of.append(g)
                 grads.append(grad)
         known = self.flat.params
-        if len(params) != len(known) or any(p is not q for p, q in zip(params, known)):
+        if (
+            len(params) != len(known)
+            or any(p is not q for p, q in zip(params, known))
+            or any(  # a new dtype or layout (model.double(), channels_last) needs new buffers
+                local.device != device or layout_of(local) != self.flat.devices[device].layouts[slot]
+                for local, (device, slot) in zip(local_parts, self.flat.slots)
+            )
+        ):
             raise RuntimeError(
-                "the parameters changed since the last eager step; run one eager first_step/second_step "
-                "before calling the compiled first_step again"
+                "the parameters (or their dtypes or layouts) changed since the last eager step; run one "
+                "eager first_step/second_step before calling the compiled first_step again"
             )
         plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=True)
         return plans, [[grads[i] for i in plan.positions] for _, plan in plans]
@@ -340,7 +352,9 @@ class StepPlanner:
             positions.append(position)
         plans = []
         for (device, name), (slots, groups, positions) in members.items():
-            key = (device, name, tuple(positions))
+            # The groups are part of the key: a parameter moved to another group, the order of
+            # parameters unchanged, takes its new group's coefficients.
+            key = (device, name, tuple(positions), tuple(groups))
             plan = self.cache.peek(key) if traced else self.cache.get(key)
             if plan is None:
                 plan = build_plan(self.flat.devices[device], slots, groups, positions, traced=traced)

@@ -4,8 +4,9 @@ Every step has to read each parameter's ``.grad``; everything else about the ste
 launch tables, flat state) can be reused from the previous step as long as nothing it
 depends on changed. A *scan* does that per-tensor work in one loop and answers one question,
 ``changed``: did the set of parameters (group membership), a parameter's storage, dtype,
-shape or strides, the set of parameters with a gradient, or a gradient's layout differ from
-the previous scan? Only then does the optimizer re-plan, with every check applied.
+shape or strides, the set of parameters with a gradient, a gradient's layout, or the storage
+of a momentum tensor that ``optimizer.state`` hands out (:meth:`watch`) differ from the
+previous scan? Only then does the optimizer re-plan, with every check applied.
 
 Two implementations share this interface: the compiled one in ``fsam_fused._C``
 (``csrc/host/param_scan.cpp``, used when the extension is built and every parameter is a
@@ -39,6 +40,8 @@ class Scan(Protocol):
 
     def release(self) -> None: ...
 
+    def watch(self, tensors: list[Tensor]) -> None: ...
+
 
 def in_param_layout(grad: Tensor, param: Tensor) -> Tensor:
     """``grad``, copied into ``param``'s memory layout if it has other strides."""
@@ -59,6 +62,7 @@ class PythonScan:
         self.params = [p for params in self._members for p in params]
         self._signature: tuple | None = None
         self._grads: list[Tensor | None] = []
+        self._watched: list[Tensor] = []
 
     def scan(self, param_lists: Sequence[Sequence[Tensor]]) -> bool:
         """Read every gradient; True when membership, a parameter or the gradient set/layout changed."""
@@ -76,6 +80,7 @@ class PythonScan:
                 grad_layout = None
             grads.append(grad)
             signature.append((local.data_ptr(), layout_of(local), grad_layout))
+        signature.extend(distributed.local_tensor(t).data_ptr() for t in self._watched)
         signature = tuple(signature)
         changed = changed or signature != self._signature
         self._signature, self._grads = signature, grads
@@ -88,6 +93,15 @@ class PythonScan:
     def release(self) -> None:
         """Drop the references to this step's gradients."""
         self._grads = []
+
+    def watch(self, tensors: list[Tensor]) -> None:
+        """Also compare the storage of ``tensors`` (the momentum ``optimizer.state`` hands out) at
+        each scan from the next one on: ``.data = t`` on one of them is a change."""
+        self._watched = list(tensors)
+        if self._signature is not None:
+            self._signature = self._signature[: len(self.params)] + tuple(
+                distributed.local_tensor(t).data_ptr() for t in self._watched
+            )
 
 
 def _same_members(param_lists: Sequence[Sequence[Tensor]], members: list[list[Tensor]]) -> bool:

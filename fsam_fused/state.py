@@ -221,15 +221,20 @@ class FlatState:
         by_device: dict[torch.device, list[Tensor]] = {}
         for local in local_parts:
             by_device.setdefault(local.device, []).append(local)
-        rebuilt = set(by_device) != set(self.devices)
+        # New members over old members' storage (``nn.Parameter(p.data)``) keep the buffers but
+        # are other keys: their entries, and so their momentum, are their own.
+        same_members = len(params) == len(self.params) and all(p is q for p, q in zip(params, self.params))
+        rebuilt = not same_members or set(by_device) != set(self.devices)
         devices = {}
         for device, locals_ in by_device.items():
             state = self.devices.get(device)
             if state is None or not state.matches(locals_):
                 state = DeviceState(locals_, with_momentum=self.with_momentum)
                 rebuilt = True
+            elif not same_members:
+                state.params = locals_  # the plans reach the parameters through these
             devices[device] = state
-        if rebuilt or len(self.location) != len(params):
+        if rebuilt:
             self.devices = devices
             self.location = {}
             self.slots = []
@@ -254,10 +259,17 @@ class FlatState:
         rebuilt = self.sync(params, local_parts)
         if rebuilt:
             self.norm_groups = distributed.norm_groups(params, process_group)
-            param_state.dirty = True  # new slots: carry the momentum over from the entries
-        if param_state.dirty:
-            param_state.adopt(params, self, describe)  # clears dirty once all succeeded
+        # Always, not only when the mapping is dirty: new slots carry the momentum over from the
+        # entries, and a momentum tensor whose storage was replaced (``.data = t``, which the
+        # scan notices) is adopted. Entries still over their slots cost a comparison each.
+        param_state.adopt(params, self, describe)  # clears dirty once all succeeded
         return rebuilt
+
+    def watched(self, param_state: ParamState) -> list[Tensor]:
+        """The momentum tensors ``param_state`` hands out, for the scan to watch (see Scan.watch)."""
+        if not self.with_momentum:
+            return []
+        return [dict.get(param_state, p)["momentum"] for p in self.params]
 
     def momentum(self, p: Tensor) -> Tensor | None:
         """The momentum view of parameter ``p``'s slot (of its local part), or None for SAM."""

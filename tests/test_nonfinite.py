@@ -157,3 +157,19 @@ def test_skipped_very_first_step_leaves_a_fused_base_as_if_it_never_happened(bac
         _full_step(clean_params, clean, firsts, seconds)
     for p, q in zip(skipped_params, clean_params):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fisher_eta, bad", [(0.0, math.nan), (1.0, math.inf)], ids=["nan", "fisher_inf"])
+def test_a_skipped_first_step_leaves_the_parameters_untouched_between_the_passes(backend, fisher_eta, bad):
+    # The second forward runs at these values: NaN weights poison e.g. BatchNorm running statistics
+    # that are not frozen, and a NaN second loss although the step is reported skipped.
+    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(5))]
+    opt = FriendlySAM(params, torch.optim.SGD, lr=0.1, fisher_eta=fisher_eta, backend=backend)
+    grads = [torch.randn(7), torch.randn(5)]
+    grads[0][3] = bad
+    for p, g in zip(params, grads):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    opt.first_step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)

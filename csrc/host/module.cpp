@@ -23,14 +23,16 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const py::list&>(), py::arg("param_lists"))
       .def("scan", &ParamScan::scan, py::arg("param_lists"))
       .def("grads", &ParamScan::grads, py::arg("positions"))
-      .def("release", &ParamScan::release);
+      .def("release", &ParamScan::release)
+      .def("watch", &ParamScan::watch, py::arg("tensors"));
   m.def("zero_grads", &fsam_fused::host::zero_grads, py::arg("param_lists"));
 
   // The op calls release the GIL: the CPU kernels run on several threads, the CUDA ones
-  // enqueue work, and neither touches Python.
+  // enqueue work, and neither touches Python (the parameters' Python objects, which the lists
+  // hold references to, are only read for their tensors).
   py::class_<NativeLists>(m, "NativeLists")
       .def(
-          py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>(),
+          py::init<std::vector<py::object>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>(),
           py::arg("params"),
           py::arg("momentum"),
           py::arg("backup"),

@@ -3,6 +3,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include "../tensor_lists.h"
 
@@ -58,7 +59,7 @@ void bump_versions(const std::vector<at::Tensor>& tensors) {
 }  // namespace
 
 NativeLists::NativeLists(
-    std::vector<at::Tensor> params,
+    std::vector<pybind11::object> params,
     std::vector<at::Tensor> momentum,
     std::vector<at::Tensor> backup,
     std::vector<int64_t> positions)
@@ -70,6 +71,18 @@ NativeLists::NativeLists(
       positions_.size() == params_.size() && backup_.size() == params_.size() &&
           (momentum_.empty() || momentum_.size() == params_.size()),
       "NativeLists: params, backup, positions (and momentum unless empty) must be equally long");
+  for (const pybind11::object& p : params_) {
+    TORCH_CHECK(THPVariable_Check(p.ptr()), "NativeLists: parameters must be tensors");
+  }
+}
+
+std::vector<at::Tensor> NativeLists::params_now() const {
+  std::vector<at::Tensor> params;
+  params.reserve(params_.size());
+  for (const pybind11::object& p : params_) {
+    params.push_back(THPVariable_Unpack(p.ptr()));
+  }
+  return params;
 }
 
 std::vector<at::Tensor> NativeLists::grads_of(const ParamScan& scan) const {
@@ -85,7 +98,7 @@ at::Tensor NativeLists::sq_norm(
     const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const {
   const PrecheckedLists prechecked(sq_norm_checked_.current(scan));
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor out = sq_norm_op().call(params_, grads_of(scan), momentum_, coef, inv_scale);
+  at::Tensor out = sq_norm_op().call(params_now(), grads_of(scan), momentum_, coef, inv_scale);
   sq_norm_checked_.record(scan);
   return out;
 }
@@ -96,24 +109,26 @@ void NativeLists::perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
+  const std::vector<at::Tensor> params = params_now();
   {
     const PrecheckedLists prechecked(perturb_checked_.current(scan));
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    perturb_op().call(params_, grads_of(scan), momentum_, backup_, coef, total_sq_norm, eps, inv_scale);
+    perturb_op().call(params, grads_of(scan), momentum_, backup_, coef, total_sq_norm, eps, inv_scale);
   }
   perturb_checked_.record(scan);
-  bump_versions(params_);
+  bump_versions(params);
   bump_versions(momentum_);
   bump_versions(backup_);
 }
 
 void NativeLists::restore_() const {
   if (!params_.empty()) {
+    const std::vector<at::Tensor> params = params_now();
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      restore_op().call(params_, backup_);
+      restore_op().call(params, backup_);
     }
-    bump_versions(params_);
+    bump_versions(params);
   }
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <pybind11/pybind11.h>
 
 #include <optional>
 #include <vector>
@@ -20,7 +21,7 @@ class NativeLists {
  public:
   // `positions[i]`: the scan position of the parameter params[i]. `momentum` is empty for SAM.
   NativeLists(
-      std::vector<at::Tensor> params,
+      std::vector<pybind11::object> params,
       std::vector<at::Tensor> momentum,
       std::vector<at::Tensor> backup,
       std::vector<int64_t> positions);
@@ -36,6 +37,7 @@ class NativeLists {
 
  private:
   std::vector<at::Tensor> grads_of(const ParamScan& scan) const;
+  std::vector<at::Tensor> params_now() const;
 
   // The (scan id, generation) at which each op last passed its full checks.
   struct Checked {
@@ -52,7 +54,10 @@ class NativeLists {
   mutable Checked sq_norm_checked_;
   mutable Checked perturb_checked_;
 
-  std::vector<at::Tensor> params_;
+  // The parameters' Python objects, unpacked at each call: holding their C++ tensors would make
+  // torch.utils.swap_tensors refuse them (see ParamScan::Entry). Momentum and backup are the
+  // optimizer's own views, never handed to users.
+  std::vector<pybind11::object> params_;
   std::vector<at::Tensor> momentum_;
   std::vector<at::Tensor> backup_;
   std::vector<int64_t> positions_;

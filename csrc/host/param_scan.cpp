@@ -30,7 +30,6 @@ ParamScan::ParamScan(const py::list& param_lists) : id_(next_scan_id++) {
       TORCH_CHECK(THPVariable_Check(p.ptr()), "ParamScan: parameters must be tensors");
       Entry entry;
       entry.object = py::reinterpret_borrow<py::object>(p);
-      entry.param = THPVariable_Unpack(p.ptr());
       entries_.push_back(std::move(entry));
     }
   }
@@ -58,12 +57,13 @@ bool ParamScan::same_members(const py::list& param_lists) const {
 // Records the parameter's and its gradient's current state in `entry`; true if it differs
 // from what was recorded before.
 bool ParamScan::observe(Entry& entry) {
-  const at::Tensor& p = entry.param;
+  const at::Tensor& p = THPVariable_Unpack(entry.object.ptr());
   bool changed = false;
   const void* data = p.unsafeGetTensorImpl()->data();
-  if (data != entry.data || p.scalar_type() != entry.dtype || p.device() != entry.device ||
-      !entry.geometry.matches(p)) {
+  if (p.unsafeGetTensorImpl() != entry.impl || data != entry.data || p.scalar_type() != entry.dtype ||
+      p.device() != entry.device || !entry.geometry.matches(p)) {
     changed = true;
+    entry.impl = p.unsafeGetTensorImpl();
     entry.data = data;
     entry.dtype = p.scalar_type();
     entry.device = p.device();
@@ -106,6 +106,11 @@ bool ParamScan::scan(const py::list& param_lists) {
   for (Entry& entry : entries_) {
     changed |= observe(entry);
   }
+  for (Watched& w : watched_) {
+    const void* data = THPVariable_Unpack(w.object.ptr()).unsafeGetTensorImpl()->data();
+    changed |= data != w.data;
+    w.data = data;
+  }
   if (changed) {
     ++generation_;
   }
@@ -127,6 +132,14 @@ const at::Tensor& ParamScan::grad(int64_t position) const {
   const at::Tensor& g = entries_.at(position).grad;
   TORCH_INTERNAL_ASSERT(g.defined(), "ParamScan: a plan's parameter has no gradient this step");
   return g;
+}
+
+void ParamScan::watch(const py::list& tensors) {
+  watched_.clear();
+  for (const py::handle t : tensors) {
+    TORCH_CHECK(THPVariable_Check(t.ptr()), "ParamScan.watch: expected tensors");
+    watched_.push_back({py::reinterpret_borrow<py::object>(t), THPVariable_Unpack(t.ptr()).unsafeGetTensorImpl()->data()});
+  }
 }
 
 void ParamScan::release() {

@@ -41,6 +41,10 @@ class ParamScan {
   // Drops the references to this step's gradients.
   void release();
 
+  // Tensors (the momentum that optimizer.state hands out) whose storage later scans also
+  // compare: `.data = t` on one is a change, so the optimizer re-plans and adopts it.
+  void watch(const pybind11::list& tensors);
+
   // Identifies what the last scan saw: the same (id, generation) means nothing changed since.
   uint64_t id() const {
     return id_;
@@ -51,8 +55,13 @@ class ParamScan {
 
  private:
   struct Entry {
-    pybind11::object object;  // the Python parameter: membership is checked by identity
-    at::Tensor param;
+    // The Python parameter: membership is checked by identity. Only the Python object is held,
+    // never its C++ tensor: torch.utils.swap_tensors (nn.Module._apply with
+    // swap_module_params_on_conversion, load_state_dict(assign=True) of wrapper subclasses)
+    // refuses a parameter whose TensorImpl has other owners, and replaces the TensorImpl
+    // behind the same Python object, which the scan must then see as a change.
+    pybind11::object object;
+    const c10::TensorImpl* impl = nullptr;
     const void* data = nullptr;
     c10::ScalarType dtype = c10::ScalarType::Undefined;
     c10::Device device = c10::Device(c10::DeviceType::CPU);
@@ -68,6 +77,12 @@ class ParamScan {
   bool same_members(const pybind11::list& param_lists) const;
   static bool observe(Entry& entry);
 
+  struct Watched {
+    pybind11::object object;
+    const void* data = nullptr;
+  };
+
+  std::vector<Watched> watched_;
   std::vector<size_t> group_sizes_;
   std::vector<Entry> entries_;
   uint64_t id_;

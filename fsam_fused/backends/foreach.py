@@ -63,10 +63,12 @@ def _column(plan: DevicePlan, column: int, positions: list[int]) -> list[Tensor]
 
 
 def _adaptive_weights(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
-    """``|p| + adaptive_eta`` of the tensors at ``positions``."""
-    return torch._foreach_add(
-        torch._foreach_abs(_pick(plan.params, positions)), _column(plan, ADAPTIVE_ETA, positions)
-    )
+    """``|p| + adaptive_eta`` of the tensors at ``positions``, in fp32 (fp64 for fp64 parameters)
+    whatever the parameters' dtype, as the other backends compute it."""
+    params = [
+        p if p.dtype in (torch.float32, torch.float64) else p.float() for p in _pick(plan.params, positions)
+    ]
+    return torch._foreach_add(torch._foreach_abs(params), _column(plan, ADAPTIVE_ETA, positions))
 
 
 def _fisher(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
@@ -119,7 +121,8 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     flat, d = _views(plan, 0)
     step_ok = torch.isfinite(total_sq_norm)
     torch.where(step_ok, flat, flat.new_zeros(()), out=flat)
-    inv_norm = step_ok.float() / (total_sq_norm.sqrt() + plan.eps)
+    # A where, not step_ok / norm: 0 / NaN is NaN.
+    inv_norm = torch.where(step_ok, 1.0 / (total_sq_norm.sqrt() + plan.eps), 0.0)
     torch._foreach_copy_(plan.backup, plan.params)
     if plan.momentum is not None:
         lmbda, sigma = plan.coef[:, LMBDA], plan.coef[:, SIGMA]
@@ -135,6 +138,8 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
             torch._foreach_mul_(d_group, weights)
         if plan.group_fisher[group]:
             torch._foreach_div_(d_group, _fisher(plan, positions))
+    if any(plan.group_fisher):  # f of a non-finite gradient is NaN, and d / NaN is NaN
+        torch.where(step_ok, flat, flat.new_zeros(()), out=flat)
     torch._foreach_addcmul_(plan.params, d, list((inv_norm * plan.coef[:, RHO]).unbind()))
 
 
