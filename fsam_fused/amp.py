@@ -38,7 +38,8 @@ def traced_inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
 
 def unscaled_already(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``scaler.unscale_(optimizer)`` ran since the last ``scaler.update()``."""
-    record = scaler._per_optimizer_states.get(id(optimizer)) if scaler.is_enabled() else None
+    # (Attributes, not is_enabled(): this also runs inside torch.compile.)
+    record = scaler._per_optimizer_states.get(id(optimizer)) if scaler._enabled else None
     return record is not None and record["stage"] is OptState.UNSCALED
 
 

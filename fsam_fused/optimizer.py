@@ -378,13 +378,14 @@ class FriendlySAM(torch.optim.Optimizer):
         ``plain``); leaves what the second half needs in ``self._pending``."""
         planner = self._planner
         inv_scale = None
-        if grad_scaler is not None and torch.compiler.is_compiling():
-            inv_scale = amp.traced_inverse_scale(grad_scaler)
-        elif grad_scaler is not None and not (plain and amp.unscaled_already(grad_scaler, self)):
+        if grad_scaler is not None and not (plain and amp.unscaled_already(grad_scaler, self)):
             # (A plain step's gradient is the one its base step takes: like second_step's, it may
-            # have been unscaled already, to clip it.)
+            # have been unscaled already, to clip it.) Compiled or not, the same checks apply.
             amp.check_first_pass_scaled(grad_scaler, self)
-            inv_scale = amp.inverse_scale(grad_scaler)
+            if torch.compiler.is_compiling():
+                inv_scale = amp.traced_inverse_scale(grad_scaler)
+            else:
+                inv_scale = amp.inverse_scale(grad_scaler)
         if torch.compiler.is_compiling():
             # No group value is read in traced code (see GroupTable.refresh), except
             # ``adaptive``, which decides the ops of the torch backend; it runs the Fisher ops
@@ -496,9 +497,12 @@ class FriendlySAM(torch.optim.Optimizer):
                 flag.zero_()  # a direct base_optimizer.step() later is not skipped
         elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
             base.step()
-            flat_params = self._planner.flat.params
-            self._base_ready.update(flat_params[i] for _, plan in self._pending.plans for i in plan.positions)
-            self._base_new = False
+            if self._base_new:  # (only then: a base that never skips on the device comes here every step)
+                flat_params = self._planner.flat.params
+                self._base_ready.update(
+                    flat_params[i] for _, plan in self._pending.plans for i in plan.positions
+                )
+                self._base_new = False
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
@@ -546,9 +550,10 @@ class FriendlySAM(torch.optim.Optimizer):
         """Reset the gradients of every parameter (to None by default), in one C++ loop when built."""
         if set_to_none and torch.compiler.is_compiling():
             # (torch.optim.Optimizer.zero_grad is on dynamo's skip list: a fullgraph
-            # first_step(zero_grad=True) would break there.)
-            for params in self._param_lists():
-                for p in params:
+            # first_step(zero_grad=True) would break there. The groups are reached through
+            # _groups_ref, not self.param_groups, on which dynamo would guard every group value.)
+            for group in self._groups_ref.groups:
+                for p in group["params"]:
                     p.grad = None
         elif set_to_none and _zero_grads_compiled is not None:
             _zero_grads_compiled(self._param_lists())
@@ -654,6 +659,9 @@ class FriendlySAM(torch.optim.Optimizer):
         entries = state.pop("state")
         steps_taken = state.pop("steps_taken", 0)
         base_stepped = state.pop("base_stepped", False)
+        # The previous release pickled its flag as an attribute (meaning "stepped at least once", too
+        # weak to mark every parameter ready); left in, it would shadow the _base_stepped method.
+        state.pop("_base_stepped", None)
         super().__setstate__(state)
         self._set_base_stepped(base_stepped)
         self.process_group = self.replica_group = None

@@ -233,6 +233,9 @@ class StepPlanner:
         self.tables: dict[torch.device, GroupTable] = {}
         self.scan: Scan | None = None
         self.plans: Plans = []
+        # Which positions had a gradient at the last re-plan: a compiled first_step runs only on
+        # the same set (the optimizer's base-step bookkeeping, _note_participants, is eager).
+        self.participants: list[int] = []
         # The edit flag of the optimizer.state that the last sync brought up to date.
         self.state_edits: Edits | None = None
         self._pointers: tuple[int, ...] | None = None
@@ -276,10 +279,11 @@ class StepPlanner:
             self.cache.clear()
             self._pointers = pointers
         scan = make_scan(lists)
-        scan.watch(self.flat.watched(param_state))
+        scan.watch(self.flat.watched())
         scan.scan(lists)
         grads = scan.grads(range(len(params)))
         self.plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=False)
+        self.participants = [i for i, grad in enumerate(grads) if grad is not None]
         self.scan = scan
 
     def traced(
@@ -313,6 +317,11 @@ class StepPlanner:
             raise RuntimeError(
                 "the parameters (or their dtypes or layouts) changed since the last eager step; run one "
                 "eager first_step/second_step before calling the compiled first_step again"
+            )
+        if [i for i, grad in enumerate(grads) if grad is not None] != self.participants:
+            raise RuntimeError(
+                "the set of parameters with a gradient changed since the last eager step; run one eager "
+                "first_step/second_step before calling the compiled first_step again"
             )
         plans = self._plans_for(backend, params, local_parts, group_of, grads, describe, traced=True)
         return plans, [[grads[i] for i in plan.positions] for _, plan in plans]

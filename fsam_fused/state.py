@@ -211,6 +211,8 @@ class FlatState:
         # looks slots up here, since a dict keyed by tensors makes its guards fragile.
         self.slots: list[tuple[torch.device, int]] = []
         self.params: list[Tensor] = []
+        # The momentum tensors handed to the last scan to watch, with their data pointers then.
+        self._handed_out: list[tuple[Tensor, int]] = []
 
     def sync(self, params: list[Tensor], local_parts: list[Tensor]) -> bool:
         """Rebuild the device states that no longer fit ``params`` (whose local parts are
@@ -259,17 +261,22 @@ class FlatState:
         rebuilt = self.sync(params, local_parts)
         if rebuilt:
             self.norm_groups = distributed.norm_groups(params, process_group)
-        # Always, not only when the mapping is dirty: new slots carry the momentum over from the
-        # entries, and a momentum tensor whose storage was replaced (``.data = t``, which the
-        # scan notices) is adopted. Entries still over their slots cost a comparison each.
-        param_state.adopt(params, self, describe)  # clears dirty once all succeeded
+        # New slots carry the momentum over from the entries, and a momentum tensor whose storage
+        # was replaced (``.data = t``, which the scan notices) is adopted; a re-plan for a new
+        # participation pattern, the entries untouched, walks none of them.
+        if rebuilt or param_state.dirty or self._handed_out_moved():
+            param_state.adopt(params, self, describe)  # clears dirty once all succeeded
+            tensors = [dict.get(param_state, p)["momentum"] for p in params] if self.with_momentum else []
+            self._handed_out = [(t, distributed.local_tensor(t).data_ptr()) for t in tensors]
         return rebuilt
 
-    def watched(self, param_state: ParamState) -> list[Tensor]:
-        """The momentum tensors ``param_state`` hands out, for the scan to watch (see Scan.watch)."""
-        if not self.with_momentum:
-            return []
-        return [dict.get(param_state, p)["momentum"] for p in self.params]
+    def _handed_out_moved(self) -> bool:
+        return any(distributed.local_tensor(t).data_ptr() != ptr for t, ptr in self._handed_out)
+
+    def watched(self) -> list[Tensor]:
+        """The momentum tensors that ``optimizer.state`` handed out at the last adoption, for the
+        scan to watch (see Scan.watch)."""
+        return [t for t, _ in self._handed_out]
 
     def momentum(self, p: Tensor) -> Tensor | None:
         """The momentum view of parameter ``p``'s slot (of its local part), or None for SAM."""

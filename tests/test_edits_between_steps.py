@@ -16,7 +16,9 @@ import torch
 
 import fsam_fused
 from fsam_fused import FriendlySAM
+from fsam_fused.param_state import ParamState
 from fsam_fused.scan import _compiled_scan_class
+from tests.cases import CPU_FAST_BACKENDS
 from tests.oracle import Oracle, PlainSGD
 
 COMPILED_SCAN = _compiled_scan_class() is not None
@@ -344,3 +346,117 @@ def test_compiled_first_step_with_zero_grad_is_one_graph():
         p.grad = g
     first(zero_grad=True)  # as in the README's training loop
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_compiled_first_step_with_a_parameter_new_to_the_base_skips_cleanly_or_is_refused(backend):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    opt = FriendlySAM([a, b], torch.optim.SGD, lr=0.1, momentum=0.9, fused=True, backend=backend)
+    a.grad = torch.randn(6)  # stage one trains a only (b frozen)
+    opt.first_step(zero_grad=True)
+    a.grad = torch.randn(6)
+    opt.second_step(zero_grad=True)
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    overflow = torch.randn(6)
+    overflow[0] = math.inf
+    b.grad = overflow  # stage two trains b only; its first step overflows
+    if not _compiled_step_or_eager_step_asked_for(first, zero_grad=True):
+        return
+    b.grad = torch.randn(6)
+    opt.second_step(zero_grad=True)
+    assert opt.skipped_steps == 1
+    # As in the eager test of this case: a skipped first step leaves no base state for b.
+    assert dict(opt.base_optimizer.state[b]) == {}
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_compiled_first_step_with_zero_grad_is_one_graph_for_any_schedule(backend):
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()  # dynamo remembers values it saw change in other tests (automatic dynamic)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((10,), (3, 4))]
+    opt = FriendlySAM(params, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, fused=True, backend=backend)
+    gen = torch.Generator().manual_seed(9)
+    _compiled_two_pass_step(params, opt, opt.first_step, gen)  # the eager step
+    counter = torch._dynamo.testing.CompileCounter()
+    first = torch.compile(opt.first_step, fullgraph=True, backend=counter)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        first(zero_grad=True)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.second_step(zero_grad=True)
+        scheduler.step()
+        opt.param_groups[0]["rho"] = 0.1 * (step + 2)
+    assert counter.frame_count == 1
+
+
+def test_an_optimizer_pickled_by_the_previous_release_saves_a_state_dict():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, momentum=0.9, fused=True)
+    p.grad = torch.randn(5)
+    opt.first_step(zero_grad=True)
+    p.grad = torch.randn(5)
+    opt.second_step(zero_grad=True)
+    # What 80e76aa^'s __getstate__ wrote: _PICKLED held "_base_stepped"; there was no "base_stepped".
+    old_pickle = opt.__getstate__()
+    del old_pickle["base_stepped"]
+    old_pickle["_base_stepped"] = True
+    loaded = FriendlySAM.__new__(FriendlySAM)
+    loaded.__setstate__(old_pickle)
+    p.grad = torch.randn(5)
+    loaded.first_step(zero_grad=True)
+    p.grad = torch.randn(5)
+    loaded.second_step(zero_grad=True)
+    assert loaded.state_dict()["fsam_fused"]["steps_taken"] == 2
+
+
+def test_a_participation_change_without_state_edits_does_not_walk_optimizer_state(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = FriendlySAM(params, PlainSGD, lr=0.1, backend="torch")
+    for p in params:
+        p.grad = torch.randn(4)
+    opt.first_step(zero_grad=True)
+    for p in params:
+        p.grad = torch.randn(4)
+    opt.second_step(zero_grad=True)
+    walked = []
+    original = ParamState._adopt_momentum
+    monkeypatch.setattr(
+        ParamState, "_adopt_momentum", staticmethod(lambda p, *rest: walked.append(p) or original(p, *rest))
+    )
+    for p in params[:2]:  # params[2] has no gradient this step: a new pattern, a re-plan
+        p.grad = torch.randn(4)
+    opt.first_step(zero_grad=True)
+    assert walked == []
+
+
+def test_compiled_first_step_refuses_a_first_pass_already_unscaled_as_the_eager_one_does():
+    params, opt, first, gen = _compiled_setup("torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scale = scaler.scale(torch.ones(())).item()
+    for p in params:
+        p.grad = scale * torch.randn(p.shape, generator=gen)
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) ran before first_step"):
+        first(grad_scaler=scaler)
+
+
+def test_momentum_replaced_with_data_after_load_state_dict_is_adopted_by_the_next_eager_step():
+    # load_state_dict hands out new momentum tensors before any scan watches them.
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = FriendlySAM([p], PlainSGD, lr=0.1, lmbda=0.5, backend="torch")
+    p.grad = torch.ones(4)
+    opt.first_step(zero_grad=True)
+    p.grad = torch.ones(4)
+    opt.second_step(zero_grad=True)
+    opt.load_state_dict(opt.state_dict())
+    opt.state[p]["momentum"].data = torch.full((4,), 3.0)
+    p.grad = torch.ones(4)
+    opt.first_step(zero_grad=True)
+    torch.testing.assert_close(opt.state[p]["momentum"], torch.full((4,), 0.5 * 3.0 + 0.5 * 1.0))

@@ -6,13 +6,17 @@ re-planned with every check, and the result must equal the reference backend giv
 changes. Hyperparameters are not structure: a new value needs no re-plan, only a new table.
 """
 
+import os
+import sys
 from collections.abc import Callable
 
 import pytest
 import torch
 
+import fsam_fused
 from fsam_fused import FriendlySAM
 from fsam_fused.plan import StepPlanner
+from fsam_fused.scan import _compiled_scan_class
 from tests.cases import CPU_FAST_BACKENDS
 from tests.oracle import PlainSGD
 
@@ -126,3 +130,57 @@ def test_a_new_hyperparameter_value_needs_no_replan_and_takes_effect(backend, re
     assert replans[0] == count
     assert torch.equal(params[0], before[0]) and torch.equal(params[1], before[1])
     assert not torch.equal(params[2], before[2])
+
+
+def _lines_run_in_fsam_fused_by_an_unchanged_step(n_params: int, **base_kwargs) -> int:
+    """How many lines of fsam_fused's Python one step runs, when nothing changed since the last one."""
+    root = os.path.dirname(fsam_fused.__file__)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(n_params)]
+    opt = FriendlySAM(params, torch.optim.SGD, lr=0.1, **base_kwargs)
+
+    def give_grads():
+        for p in params:
+            p.grad = torch.ones(3)
+
+    for _ in range(2):
+        give_grads()
+        opt.first_step(zero_grad=True)
+        give_grads()
+        opt.second_step(zero_grad=True)
+    lines = 0
+
+    def tracer(frame, event, arg):
+        nonlocal lines
+        if not frame.f_code.co_filename.startswith(root):
+            return None
+        lines += event == "line"
+        return tracer
+
+    give_grads()
+    sys.settrace(tracer)
+    try:
+        opt.first_step(zero_grad=True)
+        give_grads()
+        opt.second_step(zero_grad=True)
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+# Without the extension the scan itself is Python, one iteration per parameter, by design.
+needs_compiled_scan = pytest.mark.skipif(_compiled_scan_class() is None, reason="needs fsam_fused._C")
+
+
+@needs_compiled_scan
+def test_an_unchanged_step_with_a_non_fused_base_runs_no_python_per_parameter():
+    assert _lines_run_in_fsam_fused_by_an_unchanged_step(4) == _lines_run_in_fsam_fused_by_an_unchanged_step(
+        64
+    )
+
+
+@needs_compiled_scan
+def test_an_unchanged_step_with_a_fused_base_runs_no_python_per_parameter():
+    # (Also shows that the count above can match.)
+    assert _lines_run_in_fsam_fused_by_an_unchanged_step(4, fused=True) == (
+        _lines_run_in_fsam_fused_by_an_unchanged_step(64, fused=True)
+    )
