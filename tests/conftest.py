@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from tests.cases import CPU_BACKENDS
 
@@ -19,3 +23,26 @@ def backend(request: pytest.FixtureRequest) -> str:
     process that interprets its kernels. A test narrows it with
     ``@pytest.mark.parametrize("backend", [...], indirect=True)``."""
     return request.param
+
+
+# Hypothesis profiles (tests/test_properties.py): CI runs a fixed, derandomized set of examples, fewer
+# in the process that interprets the Triton kernels (each program runs in Python there, ~10x slower);
+# `--hypothesis-profile=fsam-thorough` searches long, freshly random, keeping failures to replay.
+settings.register_profile(
+    "fsam-ci",
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile("fsam-ci-interpreted", parent=settings.get_profile("fsam-ci"), max_examples=25)
+settings.register_profile(
+    "fsam-thorough",
+    parent=settings.get_profile("fsam-ci"),
+    max_examples=2000,
+    derandomize=False,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
+)
+settings.load_profile("fsam-ci-interpreted" if os.environ.get("TRITON_INTERPRET") == "1" else "fsam-ci")

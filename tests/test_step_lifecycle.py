@@ -17,6 +17,7 @@ import torch
 from fsam_fused import SAM, FriendlySAM
 from fsam_fused.plan import MAX_CACHED_PLANS
 from tests.cases import CPU_BACKENDS, random_step
+from tests.memory import resident_bytes
 from tests.oracle import PlainSGD
 
 
@@ -61,11 +62,6 @@ def test_plans_stay_bounded_and_every_participation_pattern_matches_the_referenc
         torch.testing.assert_close(opt.state[p]["momentum"], ref.state[q]["momentum"], rtol=1e-5, atol=1e-6)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 @pytest.mark.parametrize("backend", ["native", "torch"], indirect=True)
 def test_memory_is_flat_under_changing_participation(backend):
     if backend not in CPU_BACKENDS:
@@ -84,10 +80,10 @@ def test_memory_is_flat_under_changing_participation(backend):
 
     steps(3 * MAX_CACHED_PLANS)
     gc.collect()
-    before = _rss_bytes()
+    before = resident_bytes()
     steps(100)
     gc.collect()
-    grown = _rss_bytes() - before
+    grown = resident_bytes() - before
     assert grown < 24 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 100 steps"
 
 

@@ -50,6 +50,7 @@ INTERPRETED_MODULES = [
     "tests/test_step_lifecycle.py",
     "tests/test_sam_variants.py",
     "tests/test_invalidation.py",
+    "tests/test_properties.py",
 ]
 INTERPRETED_SELECTION = "triton and not 200_steps"
 
