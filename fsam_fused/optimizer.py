@@ -484,10 +484,15 @@ class FriendlySAM(torch.optim.Optimizer):
     def _base_step(self, found_inf: Tensor) -> None:
         base = self.base_optimizer
         flag = self._base_found_inf
+        if flag is None:  # the one host sync, for base optimizers that cannot skip on the device
+            if not bool(found_inf):
+                base.step()
+            return
         # Until the base optimizer has stepped a parameter, its state for it does not exist, and a
         # fused base optimizer told to skip the step that creates it leaves that state
-        # uninitialised (torch's fused SGD does): so such steps are decided on the host.
-        if flag is not None and not self._base_new:
+        # uninitialised (torch's fused SGD does): so a step that may reach such a parameter (in
+        # either pass: the base steps what has a second-pass gradient) is decided on the host.
+        if not self._base_new and not self._second_pass_changed():
             if getattr(base, "found_inf", None) is not flag:
                 base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
             flag.copy_(found_inf)
@@ -495,14 +500,29 @@ class FriendlySAM(torch.optim.Optimizer):
                 base.step()
             finally:
                 flag.zero_()  # a direct base_optimizer.step() later is not skipped
-        elif not bool(found_inf):  # the one host sync, for base optimizers that cannot skip on the device
+        elif not bool(found_inf):
             base.step()
-            if self._base_new:  # (only then: a base that never skips on the device comes here every step)
-                flat_params = self._planner.flat.params
-                self._base_ready.update(
-                    flat_params[i] for _, plan in self._pending.plans for i in plan.positions
-                )
-                self._base_new = False
+            self._base_ready.update(
+                p for group in self.param_groups for p in group["params"] if p.grad is not None
+            )
+            flat_params = self._planner.flat.params
+            self._base_new = any(  # a first-pass parameter without a second-pass gradient stays new
+                flat_params[i] not in self._base_ready
+                for _, plan in self._pending.plans
+                for i in plan.positions
+            )
+
+    def _second_pass_changed(self) -> bool:
+        """Whether the second pass's gradients reach other parameters (or come in other layouts)
+        than the first pass's, whose plans say which parameters are new to the base optimizer."""
+        scan = self._planner.scan
+        if scan is None:
+            return True
+        changed = scan.scan(self._param_lists())
+        scan.release()
+        if changed:
+            self._planner.scan = None  # it now holds the second pass's view: the next step re-plans
+        return changed
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.

@@ -149,8 +149,15 @@ class Oracle:
             else:
                 d = g - h["sigma"] * m
                 new_m = h["lmbda"] * m + (1 - h["lmbda"]) * g
-            t = (p.double().abs() + h["adaptive_eta"]) if h["adaptive"] else torch.ones_like(g)
-            t = t / torch.sqrt(1 + h["fisher_eta"] * g * g)
+            a = (p.double().abs() + h["adaptive_eta"]) if h["adaptive"] else torch.ones_like(g)
+            # A squared direction beyond fp32 makes the step non-finite in every variant (the
+            # kernels form (a d)^2 before dividing by Fisher's f): the sum of terms below is not
+            # enough, since f may be as large.
+            squares = (a * d) ** 2
+            terms.append(
+                squares.max() if squares.numel() and squares.max() >= FLOAT32_MAX else torch.zeros(())
+            )
+            t = a / torch.sqrt(1 + h["fisher_eta"] * g * g)
             terms.append(((t * d) ** 2).sum())
             updates.append((t * t * d, new_m))
         total = float(sum(terms)) if terms else 0.0

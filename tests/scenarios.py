@@ -189,9 +189,7 @@ def _step(draw: st.DrawFn, params: list[ParamSpec], limits: _Limits) -> Step:
         )
         chosen = tuple(draw(st.lists(swap, min_size=1, max_size=2)))
     # Every gradient a fused SGD base sees is present: torch's fused SGD with momentum fails on a
-    # parameter that joins after its first step (TypeError in _fused_sgd_, torch's own limit), and a
-    # pass that misses a parameter the other pass reaches leads to the bugs of test_nonfinite.py::
-    # test_a_skipped_step_*_leaves_a_fused_base_as_it_was (uninitialised momentum buffers).
+    # parameter that joins after its first step (TypeError in _fused_sgd_, torch's own limit).
     first = draw(_grads(n, POISONS, all_present=limits.fused_sgd, foreign=limits.foreign))
     # Without a GradScaler nothing checks the second pass: its gradients go to the base step as they are.
     second = draw(

@@ -176,16 +176,6 @@ def test_a_skipped_first_step_leaves_the_parameters_untouched_between_the_passes
 
 
 # Found by tests/test_properties.py.
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: FriendlySAM._base_step, after a base step decided on the host, marks every "
-    "parameter of the first pass's plans as stepped (_base_ready), though the base optimizer created "
-    "state only for those with a second-pass gradient; a later skipped step then goes to the fused base "
-    "with found_inf = 1, which creates the missing state and skips the kernel: fused SGD leaves its "
-    "momentum buffer as torch.empty_like memory (1e34 seen) that the next step multiplies by the "
-    "momentum, fused AdamW leaves zeros (harmless values, but state that was not there). Fix: decide "
-    "and mark by the parameters the base optimizer steps (those with a second-pass gradient).",
-)
 @pytest.mark.parametrize(
     "base, kwargs", [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.AdamW, {})], ids=["sgd", "adamw"]
 )
@@ -208,14 +198,6 @@ def test_a_skipped_step_after_a_base_step_without_gradients_leaves_a_fused_base_
 
 
 # Found by tests/test_properties.py.
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: FriendlySAM decides whether the base step may be skipped on the device (found_inf) "
-    "from the first pass's parameters only: a parameter that only the second pass reaches, with no base "
-    "state yet, goes to the fused base with found_inf = 1 when a GradScaler finds an Inf/NaN, and fused SGD "
-    "creates its momentum buffer as torch.empty_like memory (1e36 seen) while skipping the kernel, fused "
-    "AdamW zeros. Fix: decide by the parameters with a second-pass gradient (those the base steps).",
-)
 @pytest.mark.parametrize(
     "base, kwargs", [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.AdamW, {})], ids=["sgd", "adamw"]
 )

@@ -104,7 +104,11 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         if plan.group_adaptive[group]:
             d_group = torch._foreach_mul(d_group, _adaptive_weights(plan, positions))
         if plan.group_fisher[group]:
-            d_group = torch._foreach_div(d_group, torch._foreach_sqrt(_fisher(plan, positions)))
+            # sqrt((a d)^2 / f), not a d / sqrt(f): a squared direction beyond fp32 makes the step
+            # non-finite, as in SAM, also where f overflows too (the kernels form it the same way).
+            d_group = torch._foreach_sqrt(
+                torch._foreach_div(torch._foreach_mul(d_group, d_group), _fisher(plan, positions))
+            )
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=plan.device)

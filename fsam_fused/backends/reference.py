@@ -42,11 +42,21 @@ def _normaliser(p: Tensor, grad: Tensor, row: tuple[float, ...]) -> Tensor | Non
     return t
 
 
+def _tensor_norm(p: Tensor, grad: Tensor, d: Tensor, t: Tensor | None, row: tuple[float, ...]) -> Tensor:
+    """``||T d||`` of one tensor. With Fisher SAM as ``sqrt(sum (a d)^2 / f)``: a direction whose
+    square overflows fp32 makes the step non-finite, as in SAM, even where ``f`` overflows too
+    (``T = 0`` there would drop the element from the norm)."""
+    if not row[FISHER_ETA]:
+        return ((t if t is not None else 1.0) * d).norm(p=2)
+    ad = d * (p.float().abs() + row[ADAPTIVE_ETA]) if row[ADAPTIVE] else d
+    return ((ad * ad) / (1 + row[FISHER_ETA] * grad * grad)).sum().sqrt()
+
+
 def sq_norm(plan: DevicePlan) -> Tensor:
     """The squared norm ``||T * d||^2`` over the plan; also works out each ``e``'s direction and
     the new momentum."""
     seeded = plan.state.seeded.index_select(0, plan.slots).tolist()
-    directions = []
+    directions, norms = [], []
     for i, (p, g) in enumerate(zip(plan.params, plan.grad_list())):
         row = plan.group_rows[plan.group_list[i]]
         grad = g.float().clone()
@@ -59,12 +69,11 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         else:
             d = grad
             new_momentum = grad if plan.momentum is not None else None
-        directions.append((d, _normaliser(p, grad, row), new_momentum))
+        t = _normaliser(p, grad, row)
+        directions.append((d, t, new_momentum))
+        norms.append(_tensor_norm(p, grad, d, t, row))
     plan.cache[_DIRECTIONS] = directions
-    norm = torch.norm(
-        torch.stack([((t if t is not None else 1.0) * d).norm(p=2) for d, t, _ in directions]),
-        p=2,
-    )
+    norm = torch.norm(torch.stack(norms), p=2)
     # sqrt(x * x) == x in binary floating point (barring overflow), so perturb_ gets this norm back.
     return norm * norm
 
