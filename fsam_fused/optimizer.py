@@ -492,7 +492,7 @@ class FriendlySAM(torch.optim.Optimizer):
         # fused base optimizer told to skip the step that creates it leaves that state
         # uninitialised (torch's fused SGD does): so a step that may reach such a parameter (in
         # either pass: the base steps what has a second-pass gradient) is decided on the host.
-        if not self._base_new and not self._second_pass_changed():
+        if not self._base_new and not self._second_pass_may_reach_new():
             if getattr(base, "found_inf", None) is not flag:
                 base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
             flag.copy_(found_inf)
@@ -512,9 +512,13 @@ class FriendlySAM(torch.optim.Optimizer):
                 for i in plan.positions
             )
 
-    def _second_pass_changed(self) -> bool:
-        """Whether the second pass's gradients reach other parameters (or come in other layouts)
-        than the first pass's, whose plans say which parameters are new to the base optimizer."""
+    def _second_pass_may_reach_new(self) -> bool:
+        """Whether the second pass's gradients may reach a parameter new to the base optimizer: not
+        once every parameter has been stepped (the common case, which costs nothing); else when they
+        reach other parameters (or come in other layouts) than the first pass's, whose plans
+        ``_base_new`` describes."""
+        if len(self._base_ready) == len(self._planner.flat.params):
+            return False
         scan = self._planner.scan
         if scan is None:
             return True

@@ -76,20 +76,29 @@ NativeLists::NativeLists(
   }
 }
 
-std::vector<at::Tensor> NativeLists::params_now() const {
-  std::vector<at::Tensor> params;
-  params.reserve(params_.size());
+BorrowedTensors::~BorrowedTensors() {
+  for (at::Tensor& t : tensors) {
+    c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+}
+
+BorrowedTensors NativeLists::params_now() const {
+  // Borrowed, not copied: a copy would write every parameter's reference count twice per call,
+  // one cache line each, which cost more than the kernels on a model of small tensors. The
+  // lists' Python objects keep the tensors alive for the call.
+  BorrowedTensors params;
+  params.tensors.reserve(params_.size());
   for (const pybind11::object& p : params_) {
-    params.push_back(THPVariable_Unpack(p.ptr()));
+    params.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(p.ptr())));
   }
   return params;
 }
 
-std::vector<at::Tensor> NativeLists::grads_of(const ParamScan& scan) const {
-  std::vector<at::Tensor> grads;
-  grads.reserve(positions_.size());
+BorrowedTensors NativeLists::grads_of(const ParamScan& scan) const {
+  BorrowedTensors grads;  // the scan holds them until its release()
+  grads.tensors.reserve(positions_.size());
   for (int64_t pos : positions_) {
-    grads.push_back(scan.grad(pos));
+    grads.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(scan.grad(pos)));
   }
   return grads;
 }
@@ -98,7 +107,8 @@ at::Tensor NativeLists::sq_norm(
     const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const {
   const PrecheckedLists prechecked(sq_norm_checked_.current(scan));
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor out = sq_norm_op().call(params_now(), grads_of(scan), momentum_, coef, inv_scale);
+  const BorrowedTensors params = params_now();
+  at::Tensor out = sq_norm_op().call(params.tensors, grads_of(scan).tensors, momentum_, coef, inv_scale);
   sq_norm_checked_.record(scan);
   return out;
 }
@@ -109,26 +119,27 @@ void NativeLists::perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
-  const std::vector<at::Tensor> params = params_now();
+  const BorrowedTensors params = params_now();
   {
     const PrecheckedLists prechecked(perturb_checked_.current(scan));
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    perturb_op().call(params, grads_of(scan), momentum_, backup_, coef, total_sq_norm, eps, inv_scale);
+    perturb_op().call(
+        params.tensors, grads_of(scan).tensors, momentum_, backup_, coef, total_sq_norm, eps, inv_scale);
   }
   perturb_checked_.record(scan);
-  bump_versions(params);
+  bump_versions(params.tensors);
   bump_versions(momentum_);
   bump_versions(backup_);
 }
 
 void NativeLists::restore_() const {
   if (!params_.empty()) {
-    const std::vector<at::Tensor> params = params_now();
+    const BorrowedTensors params = params_now();
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      restore_op().call(params, backup_);
+      restore_op().call(params.tensors, backup_);
     }
-    bump_versions(params);
+    bump_versions(params.tensors);
   }
 }
 

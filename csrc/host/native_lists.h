@@ -17,6 +17,16 @@
 
 namespace fsam_fused::host {
 
+// Tensors borrowed from their owners (no reference count taken) for the length of one op call.
+struct BorrowedTensors {
+  std::vector<at::Tensor> tensors;
+  BorrowedTensors() = default;
+  BorrowedTensors(BorrowedTensors&&) = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  ~BorrowedTensors();
+};
+
 class NativeLists {
  public:
   // `positions[i]`: the scan position of the parameter params[i]. `momentum` is empty for SAM.
@@ -36,8 +46,8 @@ class NativeLists {
   void restore_() const;
 
  private:
-  std::vector<at::Tensor> grads_of(const ParamScan& scan) const;
-  std::vector<at::Tensor> params_now() const;
+  BorrowedTensors grads_of(const ParamScan& scan) const;
+  BorrowedTensors params_now() const;
 
   // The (scan id, generation) at which each op last passed its full checks.
   struct Checked {
