@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import amp, backends, distributed
+from .base_step import BaseStep
 from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, Row, check_values, group_row
 from .param_state import ParamState
 from .plan import Plans, StepPlanner
@@ -176,19 +177,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self.replica_group = replica_group
         self.state = ParamState()
         self._skipped = torch.zeros((), dtype=torch.float32, device=self._main_device())
-        # A fused torch.optim optimizer skips its step on a device flag read from its
-        # ``found_inf`` attribute, as GradScaler drives it. The attribute is set here, once,
-        # to a flag that each step overwrites in place: torch.compile traces the copy, while
-        # an attribute assignment inside a compiled second_step fails on some torch
-        # releases (2.11: "setattr on a user-defined object").
-        self._base_found_inf: Tensor | None = None
-        if getattr(base, "_step_supports_amp_scaling", False):
-            self._base_found_inf = torch.zeros((), dtype=torch.float32, device=self._main_device())
-            base.found_inf = self._base_found_inf
-        # The parameters the base optimizer has stepped (so its state for them exists), and whether
-        # this step has a parameter outside them; see _base_step.
-        self._base_ready: set[Tensor] = set()
-        self._base_new = True
+        self._base_step = BaseStep(base, self._main_device())
         self._backend = backend
         self.backend = backend
 
@@ -407,7 +396,7 @@ class FriendlySAM(torch.optim.Optimizer):
             state = self._param_state()
             if planner.scan is None or state.dirty or planner.scan.scan(lists):
                 planner.replan(lists, self.backend, state, self._describe, self.process_group)
-                self._note_participants()
+                self._base_step.note_participants(planner.flat.params, planner.plans)
             plans, traced_grads, source = planner.plans, None, planner.scan
         if grad_scaler is not None:
             for state in planner.flat.devices.values():
@@ -445,7 +434,7 @@ class FriendlySAM(torch.optim.Optimizer):
             found_inf = amp.step_found_inf(grad_scaler, self, found_inf)
             for device, state in self._planner.flat.devices.items():
                 state.rollback_momentum(found_inf.to(device))
-        self._base_step(found_inf)
+        self._base_step(found_inf, self._planner, self._pending.plans)
         self._skipped += found_inf.to(self._skipped.device)
         self._pending.finish()
         # LR schedulers attached to this optimizer check this flag to confirm that a step
@@ -471,62 +460,6 @@ class FriendlySAM(torch.optim.Optimizer):
             for device, state in self._planner.flat.devices.items():
                 state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
         pending.finish(completed=False)
-
-    def _note_participants(self) -> None:
-        """After a re-plan: does this step's set of parameters with a gradient hold one that the base
-        optimizer has not stepped yet (a first step, a group added, a layer that starts training)?"""
-        flat_params = self._planner.flat.params
-        self._base_ready.intersection_update(flat_params)  # forget parameters no longer here
-        self._base_new = any(
-            flat_params[i] not in self._base_ready for _, plan in self._planner.plans for i in plan.positions
-        )
-
-    def _base_step(self, found_inf: Tensor) -> None:
-        base = self.base_optimizer
-        flag = self._base_found_inf
-        if flag is None:  # the one host sync, for base optimizers that cannot skip on the device
-            if not bool(found_inf):
-                base.step()
-            return
-        # Until the base optimizer has stepped a parameter, its state for it does not exist, and a
-        # fused base optimizer told to skip the step that creates it leaves that state
-        # uninitialised (torch's fused SGD does): so a step that may reach such a parameter (in
-        # either pass: the base steps what has a second-pass gradient) is decided on the host.
-        if not self._base_new and not self._second_pass_may_reach_new():
-            if getattr(base, "found_inf", None) is not flag:
-                base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
-            flag.copy_(found_inf)
-            try:
-                base.step()
-            finally:
-                flag.zero_()  # a direct base_optimizer.step() later is not skipped
-        elif not bool(found_inf):
-            base.step()
-            self._base_ready.update(
-                p for group in self.param_groups for p in group["params"] if p.grad is not None
-            )
-            flat_params = self._planner.flat.params
-            self._base_new = any(  # a first-pass parameter without a second-pass gradient stays new
-                flat_params[i] not in self._base_ready
-                for _, plan in self._pending.plans
-                for i in plan.positions
-            )
-
-    def _second_pass_may_reach_new(self) -> bool:
-        """Whether the second pass's gradients may reach a parameter new to the base optimizer: not
-        once every parameter has been stepped (the common case, which costs nothing); else when they
-        reach other parameters (or come in other layouts) than the first pass's, whose plans
-        ``_base_new`` describes."""
-        if len(self._base_ready) == len(self._planner.flat.params):
-            return False
-        scan = self._planner.scan
-        if scan is None:
-            return True
-        changed = scan.scan(self._param_lists())
-        scan.release()
-        if changed:
-            self._planner.scan = None  # it now holds the second pass's view: the next step re-plans
-        return changed
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
@@ -599,7 +532,7 @@ class FriendlySAM(torch.optim.Optimizer):
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         state_dict["fsam_fused"] = {
             "skipped_steps": self._skipped.clone(),
-            "base_stepped": self._base_stepped(),
+            "base_stepped": self._base_step.stepped(),
             "steps_taken": self._pending.steps_taken,
         }
         return state_dict
@@ -641,26 +574,16 @@ class FriendlySAM(torch.optim.Optimizer):
         self._skipped = (
             torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
         )
-        self._set_base_stepped(bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0)))
+        self._base_step.set_stepped(bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0)))
         # The parameters did not change: flat buffers, plans and group tables stay (a compiled
         # first_step keeps running on them); the loaded momentum is adopted into the slots now.
         self._planner.scan = None
         self._pending = _PendingStep(steps_taken=int(extra.get("steps_taken", 0)))
         self._sync_state()
 
-    def _base_stepped(self) -> bool:
-        """Whether the base optimizer has stepped every parameter (what checkpoints record)."""
-        return not self._base_new and all(
-            p in self._base_ready for group in self.param_groups for p in group["params"]
-        )
-
-    def _set_base_stepped(self, stepped: bool) -> None:
-        self._base_ready = {p for group in self.param_groups for p in group["params"]} if stepped else set()
-        self._base_new = not stepped
-
     # -------------------------------------------------------- copy and pickle
     _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "sam_interval", "_backend", "_skipped",
-                "_base_found_inf", "_base_built")  # fmt: skip
+                "_base_step", "_base_built")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         if self._pending.perturbed:
@@ -676,22 +599,20 @@ class FriendlySAM(torch.optim.Optimizer):
         state = {key: self.__dict__[key] for key in self._PICKLED}
         state["state"] = {p: dict(entry) for p, entry in self.state.items()}
         state["steps_taken"] = self._pending.steps_taken
-        state["base_stepped"] = self._base_stepped()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         entries = state.pop("state")
         steps_taken = state.pop("steps_taken", 0)
-        base_stepped = state.pop("base_stepped", False)
-        # The previous release pickled its flag as an attribute (meaning "stepped at least once", too
-        # weak to mark every parameter ready); left in, it would shadow the _base_stepped method.
-        state.pop("_base_stepped", None)
+        if "_base_step" not in state:  # pickled by an earlier release: its flag, no record of readiness
+            state.pop("_base_stepped", None)
+            flag, stepped = state.pop("_base_found_inf", None), state.pop("base_stepped", False)
+            base_step = BaseStep.__new__(BaseStep)
+            base_step.__setstate__({"base": state["base_optimizer"], "flag": flag, "stepped": stepped})
+            state["_base_step"] = base_step
         super().__setstate__(state)
-        self._set_base_stepped(base_stepped)
         self.process_group = self.replica_group = None
         self.state = ParamState(entries)
-        if self._base_found_inf is not None:
-            self.base_optimizer.found_inf = self._base_found_inf
         self._reset_step_cache()
         self._pending.steps_taken = steps_taken
 

@@ -234,7 +234,7 @@ class StepPlanner:
         self.scan: Scan | None = None
         self.plans: Plans = []
         # Which positions had a gradient at the last re-plan: a compiled first_step runs only on
-        # the same set (the optimizer's base-step bookkeeping, _note_participants, is eager).
+        # the same set (the base-step bookkeeping, BaseStep.note_participants, is eager).
         self.participants: list[int] = []
         # The edit flag of the optimizer.state that the last sync brought up to date.
         self.state_edits: Edits | None = None

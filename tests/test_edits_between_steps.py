@@ -403,12 +403,13 @@ def test_an_optimizer_pickled_by_the_previous_release_saves_a_state_dict():
     opt.first_step(zero_grad=True)
     p.grad = torch.randn(5)
     opt.second_step(zero_grad=True)
-    # What 80e76aa^'s __getstate__ wrote: _PICKLED held "_base_stepped"; there was no "base_stepped".
+    # What the release before (dfd4513) pickled: the skip flag and a "stepped once" flag as attributes.
     old_pickle = opt.__getstate__()
-    del old_pickle["base_stepped"]
+    flag = old_pickle["_base_found_inf"] = old_pickle.pop("_base_step").flag
     old_pickle["_base_stepped"] = True
     loaded = FriendlySAM.__new__(FriendlySAM)
     loaded.__setstate__(old_pickle)
+    assert loaded.base_optimizer.found_inf is flag
     p.grad = torch.randn(5)
     loaded.first_step(zero_grad=True)
     p.grad = torch.randn(5)
