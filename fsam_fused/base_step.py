@@ -87,21 +87,19 @@ class BaseStep:
             planner.scan = None  # it now holds the second pass's view: the next step re-plans
         return changed
 
-    def stepped(self) -> bool:
-        """Whether the base optimizer has stepped every parameter (what checkpoints record)."""
-        groups = self.base.param_groups
-        return not self.new and all(p in self.ready for group in groups for p in group["params"])
-
-    def set_stepped(self, stepped: bool) -> None:
-        """Mark every parameter stepped, or none (a checkpoint's record)."""
-        self.ready = {p for group in self.base.param_groups for p in group["params"]} if stepped else set()
-        self.new = not stepped
+    def from_base_state(self) -> None:
+        """Take the parameters the base optimizer holds state for as stepped (after a checkpoint or
+        a copy: exact whatever wrote it; a base that keeps no state, such as SGD without momentum,
+        has its next step decided on the host, which then records it)."""
+        base = self.base
+        self.ready = {p for group in base.param_groups for p in group["params"] if base.state.get(p)}
+        self.new = True  # until the next re-plan says otherwise
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"base": self.base, "flag": self.flag, "stepped": self.stepped()}
+        return {"base": self.base, "flag": self.flag}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.base, self.flag = state["base"], state["flag"]
-        self.set_stepped(state["stepped"])
+        self.from_base_state()
         if self.flag is not None:
             self.base.found_inf = self.flag

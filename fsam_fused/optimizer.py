@@ -532,7 +532,6 @@ class FriendlySAM(torch.optim.Optimizer):
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         state_dict["fsam_fused"] = {
             "skipped_steps": self._skipped.clone(),
-            "base_stepped": self._base_step.stepped(),
             "steps_taken": self._pending.steps_taken,
         }
         return state_dict
@@ -574,7 +573,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self._skipped = (
             torch.as_tensor(extra.get("skipped_steps", 0.0)).float().to(self._main_device()).clone()
         )
-        self._base_step.set_stepped(bool(extra.get("base_stepped", len(self.base_optimizer.state) > 0)))
+        self._base_step.from_base_state()
         # The parameters did not change: flat buffers, plans and group tables stay (a compiled
         # first_step keeps running on them); the loaded momentum is adopted into the slots now.
         self._planner.scan = None
@@ -604,11 +603,12 @@ class FriendlySAM(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         entries = state.pop("state")
         steps_taken = state.pop("steps_taken", 0)
-        if "_base_step" not in state:  # pickled by an earlier release: its flag, no record of readiness
+        if "_base_step" not in state:  # pickled by an earlier release: its skip flag as an attribute
             state.pop("_base_stepped", None)
-            flag, stepped = state.pop("_base_found_inf", None), state.pop("base_stepped", False)
             base_step = BaseStep.__new__(BaseStep)
-            base_step.__setstate__({"base": state["base_optimizer"], "flag": flag, "stepped": stepped})
+            base_step.__setstate__(
+                {"base": state["base_optimizer"], "flag": state.pop("_base_found_inf", None)}
+            )
             state["_base_step"] = base_step
         super().__setstate__(state)
         self.process_group = self.replica_group = None

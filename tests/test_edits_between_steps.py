@@ -10,6 +10,9 @@ or values written out in the test). Each test failed before the change that made
 
 import copy
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -461,3 +464,79 @@ def test_momentum_replaced_with_data_after_load_state_dict_is_adopted_by_the_nex
     p.grad = torch.ones(4)
     opt.first_step(zero_grad=True)
     torch.testing.assert_close(opt.state[p]["momentum"], torch.full((4,), 0.5 * 3.0 + 0.5 * 1.0))
+
+
+@pytest.mark.parametrize(
+    "base, kwargs", [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.AdamW, {})], ids=["sgd", "adamw"]
+)
+def test_a_checkpoint_of_the_previous_release_does_not_mark_unstepped_parameters_ready(base, kwargs):
+    # dfd4513 wrote fsam_fused.base_stepped = True after the base optimizer's first step ("stepped
+    # once"), here one whose second pass reached no parameter: the base optimizer's own state says
+    # which parameters it has stepped, whatever a checkpoint records.
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, generator=gen))
+    opt = FriendlySAM([p], base, lr=0.1, fused=True, backend="torch", **kwargs)
+    p.grad = torch.randn(1000, generator=gen)
+    opt.first_step(zero_grad=True)
+    opt.second_step(zero_grad=True)  # the base steps over nothing
+    checkpoint = opt.state_dict()
+    checkpoint["fsam_fused"]["base_stepped"] = True  # what dfd4513's state_dict() wrote here
+
+    resumed = FriendlySAM([p], base, lr=0.1, fused=True, backend="torch", **kwargs)
+    resumed.load_state_dict(checkpoint)
+    p.grad = torch.randn(1000, generator=gen)
+    p.grad[0] = math.nan
+    resumed.first_step(zero_grad=True)
+    p.grad = torch.randn(1000, generator=gen)
+    resumed.second_step(zero_grad=True)
+    assert resumed.skipped_steps == 1
+    # Fused SGD leaves its momentum buffer as torch.empty_like memory, fused AdamW zeros.
+    assert dict(resumed.base_optimizer.state[p]) == {}
+
+
+_SWAP_DURING_A_NATIVE_CALL = textwrap.dedent(
+    """
+    import threading, torch
+    from fsam_fused import FriendlySAM
+    from fsam_fused.backends import native
+    torch.set_num_threads(1)
+    n = 16_000_000  # 64 MB: allocated with mmap, so a freed storage is unmapped
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, backend="native")
+    p.grad = torch.ones(n)
+    opt.first_step(zero_grad=True)
+    p.grad = torch.ones(n)
+    replacement = [torch.nn.Parameter(torch.zeros(n))]
+    in_call = threading.Event()
+    restore = native.restore_
+    def restore_announced(plan):
+        in_call.set()  # the C++ call that follows releases the GIL
+        restore(plan)
+    native.restore_ = restore_announced
+    outcome = []
+    def other_thread():
+        q = replacement.pop()
+        in_call.wait()
+        try:
+            torch.utils.swap_tensors(p, q)  # legal while nothing else owns p's TensorImpl
+            outcome.append("swapped")
+        except RuntimeError:
+            outcome.append("refused")
+        del q  # after a swap: the last owner of p's former TensorImpl
+    t = threading.Thread(target=other_thread)
+    t.start()
+    opt.second_step()
+    t.join()
+    print(outcome)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fsam_fused, "restore_"), reason="the native extension is not built")
+def test_a_parameter_swapped_by_another_thread_during_a_native_call_is_not_freed_under_it():
+    # The native ops borrow the parameters' tensors for a call (no reference taken): they must hold the
+    # GIL, or another thread could swap_tensors the parameter and free what the kernel is writing.
+    done = subprocess.run(
+        [sys.executable, "-c", _SWAP_DURING_A_NATIVE_CALL], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"the process died (signal {-done.returncode}): {done.stderr[-2000:]}"

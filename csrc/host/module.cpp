@@ -27,9 +27,9 @@ PYBIND11_MODULE(_C, m) {
       .def("watch", &ParamScan::watch, py::arg("tensors"));
   m.def("zero_grads", &fsam_fused::host::zero_grads, py::arg("param_lists"));
 
-  // The op calls release the GIL: the CPU kernels run on several threads, the CUDA ones
-  // enqueue work, and neither touches Python (the parameters' Python objects, which the lists
-  // hold references to, are only read for their tensors).
+  // The op calls keep the GIL: they borrow the parameters' tensors from their Python objects
+  // (see NativeLists::params_now), and only a GIL holder can swap or free what those objects
+  // hold (torch.utils.swap_tensors, p.data = ...). The CPU kernels' worker threads need no GIL.
   py::class_<NativeLists>(m, "NativeLists")
       .def(
           py::init<std::vector<py::object>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>(),
@@ -37,7 +37,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("momentum"),
           py::arg("backup"),
           py::arg("positions"))
-      .def("sq_norm", &NativeLists::sq_norm, py::call_guard<py::gil_scoped_release>())
-      .def("perturb_", &NativeLists::perturb_, py::call_guard<py::gil_scoped_release>())
-      .def("restore_", &NativeLists::restore_, py::call_guard<py::gil_scoped_release>());
+      .def("sq_norm", &NativeLists::sq_norm)
+      .def("perturb_", &NativeLists::perturb_)
+      .def("restore_", &NativeLists::restore_);
 }

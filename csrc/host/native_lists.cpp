@@ -84,8 +84,9 @@ BorrowedTensors::~BorrowedTensors() {
 
 BorrowedTensors NativeLists::params_now() const {
   // Borrowed, not copied: a copy would write every parameter's reference count twice per call,
-  // one cache line each, which cost more than the kernels on a model of small tensors. The
-  // lists' Python objects keep the tensors alive for the call.
+  // one cache line each, which cost more than the kernels on a model of small tensors. Safe
+  // because the call holds the GIL (module.cpp): nothing can swap or free what the parameters'
+  // Python objects hold until it returns.
   BorrowedTensors params;
   params.tensors.reserve(params_.size());
   for (const pybind11::object& p : params_) {
