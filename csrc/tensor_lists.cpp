@@ -79,12 +79,7 @@ void check_lists(
       momentum.empty() || momentum.size() == n, op, ": momentum has ", momentum.size(),
       " tensors; pass one per parameter, or an empty list for no momentum");
   TORCH_CHECK(backup.empty() || backup.size() == n, op, ": backup has ", backup.size(), " tensors, params has ", n);
-  TORCH_CHECK(
-      coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == static_cast<int64_t>(n) &&
-          coef.size(1) == kCoefColumns && coef.is_contiguous(),
-      op, ": coef must be a contiguous float32 tensor of shape [", n, ", ", kCoefColumns,
-      "] (rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta per parameter), got ", coef.scalar_type(), " ",
-      coef.sizes());
+  check_coef(op, coef, n);
   if (lists_prechecked) {
     return;
   }
@@ -108,13 +103,24 @@ void check_lists(
   }
 }
 
+void check_coef(const char* op, const at::Tensor& coef, size_t n) {
+  TORCH_CHECK(
+      coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.size(0) == static_cast<int64_t>(n) &&
+          coef.size(1) == kCoefColumns && coef.is_contiguous(),
+      op, ": coef must be a contiguous float32 tensor of shape [", n, ", ", kCoefColumns,
+      "] (rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta per parameter), got ", coef.scalar_type(), " ",
+      coef.sizes());
+}
+
 void check_scalar(const char* op, const char* arg, const at::Tensor& t, at::TensorList params) {
+  check_scalar(op, arg, t, params.empty() ? t.device() : params[0].device());
+}
+
+void check_scalar(const char* op, const char* arg, const at::Tensor& t, c10::Device device) {
   TORCH_CHECK(
       t.scalar_type() == at::kFloat && t.numel() == 1, op, ": ", arg,
       " must be a float32 tensor with one element, got ", t.scalar_type(), " of shape ", t.sizes());
-  TORCH_CHECK(
-      params.empty() || t.device() == params[0].device(), op, ": ", arg, " is on ", t.device(),
-      " but the params are on ", params[0].device());
+  TORCH_CHECK(t.device() == device, op, ": ", arg, " is on ", t.device(), " but the params are on ", device);
 }
 
 std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> positions_by_dtype(at::TensorList params) {

@@ -46,8 +46,12 @@ void check_lists(
 // Checks the lists of restore_: one backup per parameter, laid out like it.
 void check_restore_lists(const char* op, at::TensorList params, at::TensorList backup);
 
-// Checks an optional fp32 one-element tensor argument on the params' device.
+// Checks the per-tensor coefficient table of a call over n tensors.
+void check_coef(const char* op, const at::Tensor& coef, size_t n);
+
+// Checks an fp32 one-element tensor argument on the params' device (or on `device`).
 void check_scalar(const char* op, const char* arg, const at::Tensor& t, at::TensorList params);
+void check_scalar(const char* op, const char* arg, const at::Tensor& t, c10::Device device);
 
 // All argument checks of sq_norm and of perturb_, shared by the CPU and CUDA implementations.
 void check_sq_norm_args(

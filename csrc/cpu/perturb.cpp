@@ -65,39 +65,43 @@ void perturb_(
     double eps,
     const std::optional<at::Tensor>& inv_scale) {
   check_perturb_args(params, grads, momentum, backup, coef, total_sq_norm, inv_scale);
-  const float total = total_sq_norm.item<float>();
+  const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
+  perturb_flat(
+      FlatLists::of(params, grads, momentum, backup), coef.data_ptr<float>(), total_sq_norm.item<float>(),
+      static_cast<float>(eps), unscale);
+}
+
+}  // namespace
+
+void perturb_flat(const FlatLists& lists, const float* coef, float total_sq_norm, float eps, float inv_scale) {
   // A non-finite norm makes the step a no-op for p and m; the backup is still taken so
   // that restore_ stays unconditional.
-  const bool step_ok = std::isfinite(total);
-  const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
-  const float* coef_data = coef.data_ptr<float>();
-  const std::vector<int64_t> starts = flat_starts(params);
-
-  at::parallel_for(0, starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for_each_piece(starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
-      const size_t elem = params[i].element_size();
-      char* p = static_cast<char*>(params[i].data_ptr()) + lo * elem;
-      char* b = static_cast<char*>(backup[i].data_ptr()) + lo * elem;
+  const bool step_ok = std::isfinite(total_sq_norm);
+  const bool has_momentum = !lists.momentum.empty();
+  at::parallel_for(0, lists.starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for_each_piece(lists.starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+      lists.prefetch(i + kPrefetchAhead);
+      const size_t elem = c10::elementSize(lists.dtypes[i]);
+      char* p = lists.params[i] + lo * elem;
+      char* b = lists.backup[i] + lo * elem;
       if (!step_ok) {
         std::memcpy(b, p, (hi - lo) * elem);
         return;
       }
-      const TensorCoef c = read_coef(coef_data, static_cast<int64_t>(i));
+      const TensorCoef c = read_coef(coef, static_cast<int64_t>(i));
       const PieceArgs a{
           p,
-          static_cast<const char*>(grads[i].data_ptr()) + lo * elem,
-          momentum.empty() ? nullptr : data_at<float>(momentum[i], lo),
+          lists.grads[i] + lo * elem,
+          has_momentum ? lists.momentum[i] + lo : nullptr,
           b,
           hi - lo,
           c,
-          step_scale(total, c.rho, static_cast<float>(eps)),
-          unscale};
-      perturb_piece_dispatch(params[i].scalar_type(), !momentum.empty(), a);
+          step_scale(total_sq_norm, c.rho, eps),
+          inv_scale};
+      perturb_piece_dispatch(lists.dtypes[i], has_momentum, a);
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
   m.impl("perturb_", &perturb_);

@@ -12,19 +12,20 @@ namespace {
 
 void restore_(at::TensorList params, at::TensorList backup) {
   check_restore_lists("restore_", params, backup);
-  const std::vector<int64_t> starts = flat_starts(params);
-  at::parallel_for(0, starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for_each_piece(starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
-      const size_t elem = params[i].element_size();
-      std::memcpy(
-          static_cast<char*>(params[i].data_ptr()) + lo * elem,
-          static_cast<const char*>(backup[i].data_ptr()) + lo * elem,
-          (hi - lo) * elem);
-    });
-  });
+  restore_flat(FlatLists::of(params, {}, {}, backup));
 }
 
 }  // namespace
+
+void restore_flat(const FlatLists& lists) {
+  at::parallel_for(0, lists.starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for_each_piece(lists.starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+      lists.prefetch(i + kPrefetchAhead);
+      const size_t elem = c10::elementSize(lists.dtypes[i]);
+      std::memcpy(lists.params[i] + lo * elem, lists.backup[i] + lo * elem, (hi - lo) * elem);
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
   m.impl("restore_", &restore_);

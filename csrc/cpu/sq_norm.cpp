@@ -89,28 +89,38 @@ at::Tensor sq_norm(
     const std::optional<at::Tensor>& inv_scale) {
   check_sq_norm_args(params, grads, momentum, coef, inv_scale);
   const float unscale = inv_scale.has_value() ? inv_scale->item<float>() : 1.0f;
-  const float* coef_data = coef.data_ptr<float>();
-  const std::vector<int64_t> starts = flat_starts(params);
+  const double sum = sq_norm_flat(FlatLists::of(params, grads, momentum, {}), coef.data_ptr<float>(), unscale);
+  at::Tensor out = at::empty({}, coef.options());
+  out.fill_(static_cast<float>(sum));
+  return out;
+}
+
+}  // namespace
+
+double sq_norm_flat(const FlatLists& lists, const float* coef, float inv_scale) {
+  const std::vector<int64_t>& starts = lists.starts;
   const int64_t total = starts.back();
   const int64_t slices = std::clamp((total + kMinSlice - 1) / kMinSlice, int64_t{1}, kMaxSlices);
   const int64_t slice_len = (total + slices - 1) / slices;
+  const bool has_momentum = !lists.momentum.empty();
 
   std::array<double, kMaxSlices> partials{};
   at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) {
       double sum = 0.0;
       for_each_piece(starts, s * slice_len, std::min(total, (s + 1) * slice_len), [&](size_t i, int64_t lo, int64_t hi) {
-        const TensorCoef c = read_coef(coef_data, static_cast<int64_t>(i));
-        const size_t elem = params[i].element_size();
+        lists.prefetch(i + kPrefetchAhead);
+        const TensorCoef c = read_coef(coef, static_cast<int64_t>(i));
+        const size_t elem = c10::elementSize(lists.dtypes[i]);
         const PieceArgs a{
-            static_cast<const char*>(params[i].data_ptr()) + lo * elem,
-            static_cast<const char*>(grads[i].data_ptr()) + lo * elem,
-            momentum.empty() ? nullptr : data_at<float>(momentum[i], lo),
+            lists.params[i] + lo * elem,
+            lists.grads[i] + lo * elem,
+            has_momentum ? lists.momentum[i] + lo : nullptr,
             hi - lo,
             c.sigma,
             c.t,
-            unscale};
-        sum += piece_sq_norm_dispatch(params[i].scalar_type(), !momentum.empty(), a);
+            inv_scale};
+        sum += piece_sq_norm_dispatch(lists.dtypes[i], has_momentum, a);
       });
       partials[s] = sum;
     }
@@ -119,12 +129,8 @@ at::Tensor sq_norm(
   for (int64_t s = 0; s < slices; ++s) {
     sum += partials[s];
   }
-  at::Tensor out = at::empty({}, coef.options());
-  out.fill_(static_cast<float>(sum));
-  return out;
+  return sum;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
   m.impl("sq_norm", &sq_norm);

@@ -2,6 +2,9 @@
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -56,6 +59,41 @@ void bump_versions(const std::vector<at::Tensor>& tensors) {
   }
 }
 
+// The same, through version counters kept from the tensors (the tensors are not read).
+void bump(std::vector<c10::VariableVersion>& versions) {
+  for (c10::VariableVersion& version : versions) {
+    version.bump();
+  }
+}
+
+// A checked fp32 one-element CPU tensor's value, read in place as the CPU kernels read it (not
+// through .item(), an operator of its own that would count as a host read in the step).
+float value_of(const at::Tensor& t) {
+  return *t.const_data_ptr<float>();
+}
+
+float unscale_of(const std::optional<at::Tensor>& inv_scale) {
+  return inv_scale.has_value() ? value_of(*inv_scale) : 1.0f;
+}
+
+// The O(1) checks of an op call on kept CPU lists (the per-tensor ones passed when they were kept).
+void check_cpu_call(
+    const char* op,
+    const at::Tensor& coef,
+    const at::Tensor* total_sq_norm,
+    const std::optional<at::Tensor>& inv_scale,
+    size_t n) {
+  const c10::Device cpu(c10::kCPU);
+  TORCH_CHECK(coef.device() == cpu, op, ": coef is on ", coef.device(), " but the params are on the CPU");
+  check_coef(op, coef, n);
+  if (total_sq_norm != nullptr) {
+    check_scalar(op, "total_sq_norm", *total_sq_norm, cpu);
+  }
+  if (inv_scale.has_value()) {
+    check_scalar(op, "inv_scale", *inv_scale, cpu);
+  }
+}
+
 }  // namespace
 
 NativeLists::NativeLists(
@@ -74,6 +112,7 @@ NativeLists::NativeLists(
   for (const pybind11::object& p : params_) {
     TORCH_CHECK(THPVariable_Check(p.ptr()), "NativeLists: parameters must be tensors");
   }
+  on_cpu_ = !backup_.empty() && backup_.front().device().is_cpu();
 }
 
 BorrowedTensors::~BorrowedTensors() {
@@ -89,8 +128,12 @@ BorrowedTensors NativeLists::params_now() const {
   // Python objects hold until it returns.
   BorrowedTensors params;
   params.tensors.reserve(params_.size());
+  for (const pybind11::object& p : params_) {  // (see kPrefetchBlock)
+    __builtin_prefetch(p.ptr());
+  }
   for (const pybind11::object& p : params_) {
     params.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(p.ptr())));
+    prefetch_object(params.tensors.back().unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
   }
   return params;
 }
@@ -106,11 +149,20 @@ BorrowedTensors NativeLists::grads_of(const ParamScan& scan) const {
 
 at::Tensor NativeLists::sq_norm(
     const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const {
+  if (const cpu::FlatLists* lists = sq_norm_checked_.current(scan) ? kept_for(scan) : nullptr) {
+    RECORD_FUNCTION("fsam_fused::sq_norm", c10::ArrayRef<const c10::IValue>{});  // for the profiler
+    check_cpu_call("sq_norm", coef, nullptr, inv_scale, params_.size());
+    const double sum = cpu::sq_norm_flat(*lists, coef.data_ptr<float>(), unscale_of(inv_scale));
+    at::Tensor out = at::empty({}, coef.options());
+    out.fill_(static_cast<float>(sum));
+    return out;
+  }
   const PrecheckedLists prechecked(sq_norm_checked_.current(scan));
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const BorrowedTensors params = params_now();
   at::Tensor out = sq_norm_op().call(params.tensors, grads_of(scan).tensors, momentum_, coef, inv_scale);
   sq_norm_checked_.record(scan);
+  keep(params, scan);
   return out;
 }
 
@@ -120,6 +172,15 @@ void NativeLists::perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
+  if (const cpu::FlatLists* lists = perturb_checked_.current(scan) ? kept_for(scan) : nullptr) {
+    RECORD_FUNCTION("fsam_fused::perturb_", c10::ArrayRef<const c10::IValue>{});
+    check_cpu_call("perturb_", coef, &total_sq_norm, inv_scale, params_.size());
+    cpu::perturb_flat(
+        *lists, coef.data_ptr<float>(), value_of(total_sq_norm), static_cast<float>(eps), unscale_of(inv_scale));
+    bump(kept_->param_versions);
+    bump(kept_->state_versions);
+    return;
+  }
   const BorrowedTensors params = params_now();
   {
     const PrecheckedLists prechecked(perturb_checked_.current(scan));
@@ -134,14 +195,79 @@ void NativeLists::perturb_(
 }
 
 void NativeLists::restore_() const {
-  if (!params_.empty()) {
-    const BorrowedTensors params = params_now();
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      restore_op().call(params.tensors, backup_);
-    }
-    bump_versions(params.tensors);
+  if (params_.empty()) {
+    return;
   }
+  const BorrowedTensors params = params_now();
+  if (kept_.has_value() && !c10::impl::dispatch_mode_enabled() && params_unchanged(params)) {
+    RECORD_FUNCTION("fsam_fused::restore_", c10::ArrayRef<const c10::IValue>{});
+    cpu::restore_flat(kept_->lists);
+    bump(kept_->param_versions);
+    return;
+  }
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    restore_op().call(params.tensors, backup_);
+  }
+  bump_versions(params.tensors);
+}
+
+void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) const {
+  if (!on_cpu_) {
+    return;
+  }
+  kept_.reset();  // until it is whole
+  Kept kept;
+  kept.lists = cpu::FlatLists::of(params.tensors, {}, momentum_, backup_);
+  kept.lists.grads.resize(params_.size());
+  for (const at::Tensor& p : params.tensors) {
+    kept.impls.push_back(p.unsafeGetTensorImpl());
+    kept.geometry.emplace_back().record(p);
+    kept.param_versions.push_back(p.unsafeGetTensorImpl()->version_counter());
+  }
+  for (const std::vector<at::Tensor>* state : {&momentum_, &backup_}) {
+    for (const at::Tensor& t : *state) {
+      kept.state_versions.push_back(t.unsafeGetTensorImpl()->version_counter());
+    }
+  }
+  kept_ = std::move(kept);
+  kept_at_.record(scan);
+}
+
+const cpu::FlatLists* NativeLists::kept_for(const ParamScan& scan) const {
+  // A Python dispatch mode (a tracer, FakeTensorMode, a debugging mode) must see the ops: under
+  // one, the calls go through the dispatcher as from Python.
+  if (!kept_.has_value() || !kept_at_.current(scan) || c10::impl::dispatch_mode_enabled()) {
+    return nullptr;
+  }
+  cpu::FlatLists& lists = kept_->lists;
+  const std::vector<const void*>& addresses = scan.grad_addresses();
+  for (size_t i = 0; i < positions_.size(); ++i) {
+    const int64_t pos = positions_[i];
+    TORCH_CHECK(pos < static_cast<int64_t>(addresses.size()), "NativeLists: position out of the scan's range");
+    const void* g = addresses[pos];
+    // (The scan's generation says the set of gradients did not change; a released scan has none.)
+    TORCH_CHECK(
+        g != nullptr || lists.starts[i + 1] == lists.starts[i], "NativeLists: a plan's parameter has no gradient");
+    lists.grads[i] = static_cast<const char*>(g);
+  }
+  return &lists;
+}
+
+bool NativeLists::params_unchanged(const BorrowedTensors& params) const {
+  const Kept& kept = *kept_;
+  for (size_t i = 0; i < params.tensors.size(); ++i) {  // (see kPrefetchBlock)
+    __builtin_prefetch(params.tensors[i].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  }
+  for (size_t i = 0; i < params.tensors.size(); ++i) {
+    const at::Tensor& p = params.tensors[i];
+    const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+    if (impl != kept.impls[i] || impl->data() != kept.lists.params[i] || p.scalar_type() != kept.lists.dtypes[i] ||
+        !kept.geometry[i].matches(p)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace fsam_fused::host

@@ -3,8 +3,11 @@
 // converts no Python list of tensors (fsam_fused/backends/native.py). sq_norm and perturb_
 // run their full argument checks once per scan generation; while the scan sees no change,
 // the lists are what those checks passed (same tensors, same layouts), so later calls skip
-// the per-tensor checks. restore_ always checks: it runs after the second pass, when the
-// parameters may have changed again.
+// the per-tensor checks. On the CPU they also skip the tensor objects: the lists' addresses
+// are kept (cpu::FlatLists) and only the gradients' are renewed, from the scan. restore_ runs
+// after the second pass, when the parameters may have changed again (FSDP re-points them
+// between passes): it compares each parameter with what the kept addresses were taken from,
+// and checks and gathers everything again when one differs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cpu/flat_walk.h"
 #include "param_scan.h"
 
 namespace fsam_fused::host {
@@ -63,6 +67,24 @@ class NativeLists {
   };
   mutable Checked sq_norm_checked_;
   mutable Checked perturb_checked_;
+
+  // The CPU lists' addresses, taken after a full check at scan `kept_`, with what they were
+  // taken from: each parameter's TensorImpl and shape, and the version counters the ops bump.
+  struct Kept {
+    cpu::FlatLists lists;
+    std::vector<const c10::TensorImpl*> impls;
+    std::vector<Geometry> geometry;
+    std::vector<c10::VariableVersion> param_versions;
+    std::vector<c10::VariableVersion> state_versions;  // momentum and backup
+  };
+  bool on_cpu_ = false;
+  mutable std::optional<Kept> kept_;
+  mutable Checked kept_at_;
+  // kept_, with this step's gradient addresses, when it serves `scan`; else nullptr.
+  const cpu::FlatLists* kept_for(const ParamScan& scan) const;
+  void keep(const BorrowedTensors& params, const ParamScan& scan) const;
+  // Whether every parameter is still what kept_ was taken from (for restore_).
+  bool params_unchanged(const BorrowedTensors& params) const;
 
   // The parameters' Python objects, unpacked at each call: holding their C++ tensors would make
   // torch.utils.swap_tensors refuse them (see ParamScan::Entry). Momentum and backup are the

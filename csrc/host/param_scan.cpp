@@ -3,14 +3,31 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 
 namespace py = pybind11;
 
 namespace fsam_fused::host {
 
+namespace {
+// Element by element: these are a handful of values, and a memcmp call costs more than comparing them.
+bool same_values(c10::IntArrayRef now, const c10::SmallVector<int64_t, 6>& recorded) {
+  if (now.size() != recorded.size()) {
+    return false;
+  }
+  for (size_t i = 0; i < now.size(); ++i) {
+    if (now[i] != recorded[i]) {
+      return false;
+    }
+  }
+  return true;
+}
+}  // namespace
+
 bool Geometry::matches(const at::Tensor& t) const {
-  return t.sizes().equals(sizes) && t.strides().equals(strides);
+  return same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
 }
 
 void Geometry::record(const at::Tensor& t) {
@@ -20,7 +37,18 @@ void Geometry::record(const at::Tensor& t) {
 
 namespace {
 std::atomic<uint64_t> next_scan_id{1};
+
+const c10::TensorImpl* impl_of(PyObject* tensor) {
+  return THPVariable_Unpack(tensor).unsafeGetTensorImpl();
+}
 }  // namespace
+
+void prefetch_object(const void* object, size_t bytes) {
+  const char* start = static_cast<const char*>(object);
+  for (size_t offset = 0; offset < bytes; offset += kCacheLine) {
+    __builtin_prefetch(start + offset);
+  }
+}
 
 ParamScan::ParamScan(const py::list& param_lists) : id_(next_scan_id++) {
   for (const py::handle params : param_lists) {
@@ -69,7 +97,8 @@ bool ParamScan::observe(Entry& entry) {
     entry.device = p.device();
     entry.geometry.record(p);
   }
-  const at::Tensor& g = p.grad();
+  // (Through the TensorImpl: Tensor::grad() also asks autograd whether p is a leaf, to warn.)
+  const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
   if (g.defined() != entry.has_grad) {
     changed = true;
     entry.has_grad = g.defined();
@@ -101,13 +130,52 @@ bool ParamScan::observe(Entry& entry) {
   return changed;
 }
 
+void ParamScan::prefetch(size_t begin, size_t end) const {
+  std::array<const c10::TensorImpl*, kPrefetchBlock> impls{};
+  for (size_t i = begin; i < end; ++i) {
+    __builtin_prefetch(entries_[i].object.ptr());
+  }
+  for (size_t i = begin; i < end; ++i) {
+    impls[i - begin] = impl_of(entries_[i].object.ptr());
+    prefetch_object(impls[i - begin], sizeof(c10::TensorImpl));
+  }
+  for (size_t i = begin; i < end; ++i) {
+    const c10::TensorImpl* impl = impls[i - begin];
+    __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+    __builtin_prefetch(impl->autograd_meta());
+  }
+  for (size_t i = begin; i < end; ++i) {
+    impls[i - begin] = impls[i - begin]->grad().unsafeGetTensorImpl();
+    prefetch_object(impls[i - begin], sizeof(c10::TensorImpl));
+  }
+  for (size_t i = begin; i < end; ++i) {
+    if (impls[i - begin]->has_storage()) {  // (false for the undefined gradient's singleton)
+      __builtin_prefetch(impls[i - begin]->unsafe_storage().unsafeGetStorageImpl());
+    }
+  }
+}
+
 bool ParamScan::scan(const py::list& param_lists) {
   bool changed = generation_ == 0 || !same_members(param_lists);
-  for (Entry& entry : entries_) {
-    changed |= observe(entry);
+  grad_addresses_.resize(entries_.size());
+  for (size_t begin = 0; begin < entries_.size(); begin += kPrefetchBlock) {
+    const size_t end = std::min(entries_.size(), begin + kPrefetchBlock);
+    prefetch(begin, end);
+    for (size_t i = begin; i < end; ++i) {
+      Entry& entry = entries_[i];
+      changed |= observe(entry);
+      grad_addresses_[i] =
+          entry.grad.defined() && entry.grad_layout == c10::kStrided ? entry.grad.data_ptr() : nullptr;
+    }
+  }
+  for (const Watched& w : watched_) {
+    __builtin_prefetch(w.object.ptr());
+  }
+  for (const Watched& w : watched_) {
+    prefetch_object(impl_of(w.object.ptr()), sizeof(c10::TensorImpl));
   }
   for (Watched& w : watched_) {
-    const void* data = THPVariable_Unpack(w.object.ptr()).unsafeGetTensorImpl()->data();
+    const void* data = impl_of(w.object.ptr())->data();
     changed |= data != w.data;
     w.data = data;
   }
@@ -146,6 +214,7 @@ void ParamScan::release() {
   for (Entry& entry : entries_) {
     entry.grad = at::Tensor();
   }
+  std::fill(grad_addresses_.begin(), grad_addresses_.end(), nullptr);
 }
 
 void zero_grads(const py::list& param_lists) {
@@ -153,7 +222,7 @@ void zero_grads(const py::list& param_lists) {
     for (const py::handle p : py::reinterpret_borrow<py::list>(params)) {
       TORCH_CHECK(THPVariable_Check(p.ptr()), "zero_grads: parameters must be tensors");
       const at::Tensor& param = THPVariable_Unpack(p.ptr());
-      if (param.grad().defined()) {
+      if (param.unsafeGetTensorImpl()->grad().defined()) {
         param.mutable_grad().reset();
       }
     }

@@ -1,0 +1,129 @@
+"""An unchanged step on kept addresses still does what a fully checked step does.
+
+On an unchanged step the native CPU ops run on addresses kept from an earlier full check
+(csrc/host/native_lists.h), without reading the tensors' objects again. The second pass must
+still restore into whatever the parameter holds now (FSDP re-points parameters between the
+passes; ``p.data = t``; a module converted by swapping tensors) and refuse a parameter whose
+shape changed; both passes bump the version counters that autograd checks, show up in the
+profiler, and go through the dispatcher while a Python dispatch mode is active. Each test
+runs a few unchanged steps first, so the kept addresses are in use, and compares with the
+reference backend given the same edits, or with the fully checked path.
+"""
+
+import pytest
+import torch
+from fsam_fused.bench.step_bench import NoBaseStep
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fsam_fused import FriendlySAM
+from tests.oracle import PlainSGD
+
+WARM_STEPS = 3  # the first step checks and keeps; the later ones run on what was kept
+
+
+def _model(backend: str, base=PlainSGD) -> tuple[list[torch.nn.Parameter], FriendlySAM]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2), ()]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    opt = FriendlySAM(params, base, lr=0.05, rho=0.1, sigma=1.0, lmbda=0.6, backend=backend)
+    return params, opt
+
+
+def _grads(params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def _warm(backend: str, base=PlainSGD):
+    """A model after WARM_STEPS steps, with the next step's first-pass gradients in place."""
+    params, opt = _model(backend, base)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(WARM_STEPS):
+        _grads(params, gen)
+        opt.first_step(zero_grad=True)
+        _grads(params, gen)
+        opt.second_step(zero_grad=True)
+    _grads(params, gen)
+    return params, opt, gen
+
+
+def _run(backend: str, edit) -> list[torch.Tensor]:
+    """Warm steps, then one step with ``edit(params)`` between its two passes; the parameters after."""
+    params, opt, gen = _warm(backend)
+    opt.first_step(zero_grad=True)
+    params = edit(params)
+    _grads(params, gen)
+    opt.second_step(zero_grad=True)
+    return [p.detach().clone() for p in params]
+
+
+def _new_storage(params):
+    for p in params:
+        p.data = p.data.clone()  # same values, another allocation: the kept address is stale
+    return params
+
+
+def _swapped(params):
+    for p in params:
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
+    return params
+
+
+@pytest.mark.parametrize("edit", [_new_storage, _swapped], ids=["p.data = clone", "swap_tensors"])
+def test_second_step_restores_into_the_storage_the_parameter_holds_now(backend, edit):
+    expected = _run("reference", edit)
+    actual = _run(backend, edit)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_second_step_refuses_a_parameter_whose_shape_changed_between_the_passes():
+    params, opt, _ = _warm("native")
+    opt.first_step(zero_grad=True)
+    params[0].data = params[0].data.reshape(-1)[:6].clone()
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.second_step()
+
+
+@pytest.mark.parametrize("phase", ["first_step", "second_step"])
+def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase):
+    params, opt, gen = _warm(backend, NoBaseStep)  # (a base step would bump the versions itself)
+    if phase == "second_step":
+        opt.first_step(zero_grad=True)
+        _grads(params, gen)
+    versions = [p._version for p in params]
+    with torch.enable_grad():
+        saved = sum((p * p).sum() for p in params)  # saves every parameter for its backward
+    getattr(opt, phase)()
+    assert all(p._version > v for p, v in zip(params, versions, strict=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_an_unchanged_step_shows_its_ops_in_the_profiler():
+    params, opt, gen = _warm("native")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.first_step(zero_grad=True)
+        _grads(params, gen)
+        opt.second_step(zero_grad=True)
+    names = {event.name for event in prof.events()}
+    assert {"fsam_fused::sq_norm", "fsam_fused::perturb_", "fsam_fused::restore_"} <= names, sorted(names)
+
+
+class _Seen(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_a_dispatch_mode_an_unchanged_step_goes_through_the_dispatcher():
+    params, opt, gen = _warm("native")
+    with _Seen() as mode:
+        opt.first_step(zero_grad=True)
+        _grads(params, gen)
+        opt.second_step(zero_grad=True)
+    assert {"fsam_fused.sq_norm", "fsam_fused.perturb_", "fsam_fused.restore_"} <= set(mode.seen), mode.seen
