@@ -11,14 +11,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "../prefetch.h"
+
 namespace fsam_fused::cpu {
 
 // Elements per parallel task of the elementwise ops: large enough to amortise the task,
 // small enough to balance a few threads over a ResNet-sized model.
 constexpr int64_t kElementwiseGrain = int64_t{1} << 15;
 
-// How many tensors ahead the kernels prefetch data (FlatLists::prefetch).
+// How many tensors ahead the kernels prefetch data, and how much of each (FlatLists::prefetch).
 constexpr size_t kPrefetchAhead = 8;
+constexpr size_t kPrefetchBytes = 256;
 
 // starts[i] is the flat index of tensor i's first element; starts.back() the total.
 inline std::vector<int64_t> flat_starts(at::TensorList tensors) {
@@ -58,19 +61,22 @@ struct FlatLists {
   // Prefetches the start of tensor i's data in each list (nothing past the end): over many
   // small tensors each is an allocation of its own, which no hardware prefetcher predicts, so
   // a kernel asks for the tensors kPrefetchAhead places ahead of the one it is working on.
+  // Up to kPrefetchBytes of each: a larger tensor's stream is the hardware prefetcher's.
   void prefetch(size_t i) const {
     if (i >= params.size()) {
       return;
     }
-    __builtin_prefetch(params[i]);
+    const int64_t elements = starts[i + 1] - starts[i];
+    const size_t bytes = std::min<size_t>(kPrefetchBytes, elements * c10::elementSize(dtypes[i]));
+    prefetch_bytes(params[i], bytes);
     if (!grads.empty()) {
-      __builtin_prefetch(grads[i]);
+      prefetch_bytes(grads[i], bytes);
     }
     if (!momentum.empty()) {
-      __builtin_prefetch(momentum[i]);
+      prefetch_bytes(momentum[i], std::min<size_t>(kPrefetchBytes, elements * sizeof(float)));
     }
     if (!backup.empty()) {
-      __builtin_prefetch(backup[i]);
+      prefetch_bytes(backup[i], bytes);
     }
   }
 

@@ -133,7 +133,7 @@ BorrowedTensors NativeLists::params_now() const {
   }
   for (const pybind11::object& p : params_) {
     params.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(p.ptr())));
-    prefetch_object(params.tensors.back().unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+    prefetch_bytes(params.tensors.back().unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
   }
   return params;
 }

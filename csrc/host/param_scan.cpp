@@ -11,25 +11,6 @@ namespace py = pybind11;
 
 namespace fsam_fused::host {
 
-namespace {
-// Element by element: these are a handful of values, and a memcmp call costs more than comparing them.
-bool same_values(c10::IntArrayRef now, const c10::SmallVector<int64_t, 6>& recorded) {
-  if (now.size() != recorded.size()) {
-    return false;
-  }
-  for (size_t i = 0; i < now.size(); ++i) {
-    if (now[i] != recorded[i]) {
-      return false;
-    }
-  }
-  return true;
-}
-}  // namespace
-
-bool Geometry::matches(const at::Tensor& t) const {
-  return same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
-}
-
 void Geometry::record(const at::Tensor& t) {
   sizes.assign(t.sizes().begin(), t.sizes().end());
   strides.assign(t.strides().begin(), t.strides().end());
@@ -42,13 +23,6 @@ const c10::TensorImpl* impl_of(PyObject* tensor) {
   return THPVariable_Unpack(tensor).unsafeGetTensorImpl();
 }
 }  // namespace
-
-void prefetch_object(const void* object, size_t bytes) {
-  const char* start = static_cast<const char*>(object);
-  for (size_t offset = 0; offset < bytes; offset += kCacheLine) {
-    __builtin_prefetch(start + offset);
-  }
-}
 
 ParamScan::ParamScan(const py::list& param_lists) : id_(next_scan_id++) {
   for (const py::handle params : param_lists) {
@@ -121,12 +95,12 @@ bool ParamScan::observe(Entry& entry) {
     entry.grad_device = g.device();
     entry.grad_geometry.record(g);
   }
-  // The kernels walk a parameter and its gradient in the same memory order.
-  if (g.numel() > 1 && !g.strides().equals(p.strides())) {
-    entry.grad = at::empty_like(p).copy_(g);
-  } else {
-    entry.grad = g;
+  // The kernels walk a parameter and its gradient in the same memory order. (Both layouts are
+  // as recorded unless something changed.)
+  if (changed) {
+    entry.grad_relaid = g.numel() > 1 && !g.strides().equals(p.strides());
   }
+  entry.grad = entry.grad_relaid ? at::empty_like(p).copy_(g) : g;
   return changed;
 }
 
@@ -137,7 +111,7 @@ void ParamScan::prefetch(size_t begin, size_t end) const {
   }
   for (size_t i = begin; i < end; ++i) {
     impls[i - begin] = impl_of(entries_[i].object.ptr());
-    prefetch_object(impls[i - begin], sizeof(c10::TensorImpl));
+    prefetch_bytes(impls[i - begin], sizeof(c10::TensorImpl));
   }
   for (size_t i = begin; i < end; ++i) {
     const c10::TensorImpl* impl = impls[i - begin];
@@ -146,7 +120,7 @@ void ParamScan::prefetch(size_t begin, size_t end) const {
   }
   for (size_t i = begin; i < end; ++i) {
     impls[i - begin] = impls[i - begin]->grad().unsafeGetTensorImpl();
-    prefetch_object(impls[i - begin], sizeof(c10::TensorImpl));
+    prefetch_bytes(impls[i - begin], sizeof(c10::TensorImpl));
   }
   for (size_t i = begin; i < end; ++i) {
     if (impls[i - begin]->has_storage()) {  // (false for the undefined gradient's singleton)
@@ -172,7 +146,7 @@ bool ParamScan::scan(const py::list& param_lists) {
     __builtin_prefetch(w.object.ptr());
   }
   for (const Watched& w : watched_) {
-    prefetch_object(impl_of(w.object.ptr()), sizeof(c10::TensorImpl));
+    prefetch_bytes(impl_of(w.object.ptr()), sizeof(c10::TensorImpl));
   }
   for (Watched& w : watched_) {
     const void* data = impl_of(w.object.ptr())->data();

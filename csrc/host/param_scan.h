@@ -12,6 +12,8 @@
 #include <optional>
 #include <vector>
 
+#include "../prefetch.h"
+
 namespace fsam_fused::host {
 
 // Shape and strides, compared at every scan.
@@ -19,8 +21,24 @@ struct Geometry {
   c10::SmallVector<int64_t, 6> sizes;
   c10::SmallVector<int64_t, 6> strides;
 
-  bool matches(const at::Tensor& t) const;
+  bool matches(const at::Tensor& t) const {
+    return same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
+  }
   void record(const at::Tensor& t);
+
+ private:
+  // Element by element: these are a handful of values, and a memcmp call costs more than comparing them.
+  static bool same_values(c10::IntArrayRef now, const c10::SmallVector<int64_t, 6>& recorded) {
+    if (now.size() != recorded.size()) {
+      return false;
+    }
+    for (size_t i = 0; i < now.size(); ++i) {
+      if (now[i] != recorded[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
 };
 
 // Most of a step's host time over many small tensors is waiting for memory: each parameter is a
@@ -29,10 +47,6 @@ struct Geometry {
 // them first walk a block of kPrefetchBlock tensors one pointer level per pass, prefetching the
 // next level, so the block's misses overlap; the work on the block then finds them in cache.
 constexpr size_t kPrefetchBlock = 32;
-constexpr size_t kCacheLine = 64;
-
-// Prefetches the cache lines of an object of `bytes` bytes at `object`.
-void prefetch_object(const void* object, size_t bytes);
 
 class ParamScan {
  public:
@@ -88,6 +102,7 @@ class ParamScan {
     c10::ScalarType grad_dtype = c10::ScalarType::Undefined;
     c10::Device grad_device = c10::Device(c10::DeviceType::CPU);
     Geometry grad_geometry;
+    bool grad_relaid = false;  // copied into the parameter's layout (other strides)
     at::Tensor grad;  // held from scan() to release()
   };
 
