@@ -59,7 +59,8 @@ void bump_versions(const std::vector<at::Tensor>& tensors) {
   }
 }
 
-// The same, through version counters kept from the tensors (the tensors are not read).
+// The same, through version counters kept from the tensors (the optimizer's own momentum and
+// backup views, which no one else can re-point).
 void bump(std::vector<c10::VariableVersion>& versions) {
   for (c10::VariableVersion& version : versions) {
     version.bump();
@@ -149,20 +150,26 @@ BorrowedTensors NativeLists::grads_of(const ParamScan& scan) const {
 
 at::Tensor NativeLists::sq_norm(
     const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const {
-  if (const cpu::FlatLists* lists = sq_norm_checked_.current(scan) ? kept_for(scan) : nullptr) {
+  const BorrowedTensors params = params_now();
+  const bool unchanged = sq_norm_checked_.current(scan) && still_kept(params, &scan);
+  if (unchanged && runs_flat()) {
     RECORD_FUNCTION("fsam_fused::sq_norm", c10::ArrayRef<const c10::IValue>{});  // for the profiler
     check_cpu_call("sq_norm", coef, nullptr, inv_scale, params_.size());
-    const double sum = cpu::sq_norm_flat(*lists, coef.data_ptr<float>(), unscale_of(inv_scale));
+    const double sum = cpu::sq_norm_flat(with_grads(scan), coef.data_ptr<float>(), unscale_of(inv_scale));
     at::Tensor out = at::empty({}, coef.options());
     out.fill_(static_cast<float>(sum));
     return out;
   }
-  const PrecheckedLists prechecked(sq_norm_checked_.current(scan));
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const BorrowedTensors params = params_now();
-  at::Tensor out = sq_norm_op().call(params.tensors, grads_of(scan).tensors, momentum_, coef, inv_scale);
-  sq_norm_checked_.record(scan);
-  keep(params, scan);
+  at::Tensor out;
+  {
+    const PrecheckedLists prechecked(unchanged);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = sq_norm_op().call(params.tensors, grads_of(scan).tensors, momentum_, coef, inv_scale);
+  }
+  if (!unchanged) {
+    sq_norm_checked_.record(scan);
+    keep(params, scan);
+  }
   return out;
 }
 
@@ -172,23 +179,28 @@ void NativeLists::perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
-  if (const cpu::FlatLists* lists = perturb_checked_.current(scan) ? kept_for(scan) : nullptr) {
+  const BorrowedTensors params = params_now();
+  const bool unchanged = perturb_checked_.current(scan) && still_kept(params, &scan);
+  if (unchanged && runs_flat()) {
     RECORD_FUNCTION("fsam_fused::perturb_", c10::ArrayRef<const c10::IValue>{});
     check_cpu_call("perturb_", coef, &total_sq_norm, inv_scale, params_.size());
     cpu::perturb_flat(
-        *lists, coef.data_ptr<float>(), value_of(total_sq_norm), static_cast<float>(eps), unscale_of(inv_scale));
-    bump(kept_->param_versions);
+        with_grads(scan), coef.data_ptr<float>(), value_of(total_sq_norm), static_cast<float>(eps),
+        unscale_of(inv_scale));
+    bump_versions(params.tensors);
     bump(kept_->state_versions);
     return;
   }
-  const BorrowedTensors params = params_now();
   {
-    const PrecheckedLists prechecked(perturb_checked_.current(scan));
+    const PrecheckedLists prechecked(unchanged);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     perturb_op().call(
         params.tensors, grads_of(scan).tensors, momentum_, backup_, coef, total_sq_norm, eps, inv_scale);
   }
-  perturb_checked_.record(scan);
+  if (!unchanged) {
+    perturb_checked_.record(scan);
+    keep(params, scan);
+  }
   bump_versions(params.tensors);
   bump_versions(momentum_);
   bump_versions(backup_);
@@ -199,23 +211,27 @@ void NativeLists::restore_() const {
     return;
   }
   const BorrowedTensors params = params_now();
-  if (kept_.has_value() && !c10::impl::dispatch_mode_enabled() && params_unchanged(params)) {
+  if (runs_flat() && still_kept(params, nullptr)) {
     RECORD_FUNCTION("fsam_fused::restore_", c10::ArrayRef<const c10::IValue>{});
     cpu::restore_flat(kept_->lists);
-    bump(kept_->param_versions);
-    return;
-  }
-  {
+  } else {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     restore_op().call(params.tensors, backup_);
   }
   bump_versions(params.tensors);
 }
 
+bool NativeLists::runs_flat() const {
+  // A Python dispatch mode (a tracer, FakeTensorMode, a debugging mode) must see the ops: under
+  // one, the calls go through the dispatcher as from Python.
+  return on_cpu_ && !c10::impl::dispatch_mode_enabled();
+}
+
+bool NativeLists::still_kept(const BorrowedTensors& params, const ParamScan* scan) const {
+  return kept_.has_value() && (scan == nullptr || kept_at_.current(*scan)) && params_unchanged(params);
+}
+
 void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) const {
-  if (!on_cpu_) {
-    return;
-  }
   kept_.reset();  // until it is whole
   Kept kept;
   kept.lists = cpu::FlatLists::of(params.tensors, {}, momentum_, backup_);
@@ -223,7 +239,6 @@ void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) con
   for (const at::Tensor& p : params.tensors) {
     kept.impls.push_back(p.unsafeGetTensorImpl());
     kept.geometry.emplace_back().record(p);
-    kept.param_versions.push_back(p.unsafeGetTensorImpl()->version_counter());
   }
   for (const std::vector<at::Tensor>* state : {&momentum_, &backup_}) {
     for (const at::Tensor& t : *state) {
@@ -234,12 +249,7 @@ void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) con
   kept_at_.record(scan);
 }
 
-const cpu::FlatLists* NativeLists::kept_for(const ParamScan& scan) const {
-  // A Python dispatch mode (a tracer, FakeTensorMode, a debugging mode) must see the ops: under
-  // one, the calls go through the dispatcher as from Python.
-  if (!kept_.has_value() || !kept_at_.current(scan) || c10::impl::dispatch_mode_enabled()) {
-    return nullptr;
-  }
+const cpu::FlatLists& NativeLists::with_grads(const ParamScan& scan) const {
   cpu::FlatLists& lists = kept_->lists;
   const std::vector<const void*>& addresses = scan.grad_addresses();
   for (size_t i = 0; i < positions_.size(); ++i) {
@@ -251,7 +261,7 @@ const cpu::FlatLists* NativeLists::kept_for(const ParamScan& scan) const {
         g != nullptr || lists.starts[i + 1] == lists.starts[i], "NativeLists: a plan's parameter has no gradient");
     lists.grads[i] = static_cast<const char*>(g);
   }
-  return &lists;
+  return lists;
 }
 
 bool NativeLists::params_unchanged(const BorrowedTensors& params) const {

@@ -3,11 +3,12 @@
 // converts no Python list of tensors (fsam_fused/backends/native.py). sq_norm and perturb_
 // run their full argument checks once per scan generation; while the scan sees no change,
 // the lists are what those checks passed (same tensors, same layouts), so later calls skip
-// the per-tensor checks. On the CPU they also skip the tensor objects: the lists' addresses
-// are kept (cpu::FlatLists) and only the gradients' are renewed, from the scan. restore_ runs
-// after the second pass, when the parameters may have changed again (FSDP re-points them
-// between passes): it compares each parameter with what the kept addresses were taken from,
-// and checks and gathers everything again when one differs.
+// the per-tensor checks. On the CPU they also skip the dispatcher and the momentum, backup and
+// gradient objects: the lists' addresses are kept (cpu::FlatLists) and only the gradients' are
+// renewed, from the scan. Every call still reads each parameter as it is now and compares it
+// with what was kept (another thread may re-point one between the step's calls; FSDP re-points
+// them between the passes, before restore_), and checks and gathers everything again when one
+// differs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,23 +69,28 @@ class NativeLists {
   mutable Checked sq_norm_checked_;
   mutable Checked perturb_checked_;
 
-  // The CPU lists' addresses, taken after a full check at scan `kept_`, with what they were
-  // taken from: each parameter's TensorImpl and shape, and the version counters the ops bump.
+  // The lists' addresses, taken after a full check at scan `kept_at_`, with what they were taken
+  // from: each parameter's TensorImpl and shape, and the version counters of the momentum and
+  // backup views (the parameters' are bumped through the parameters, whatever they hold now).
   struct Kept {
     cpu::FlatLists lists;
     std::vector<const c10::TensorImpl*> impls;
     std::vector<Geometry> geometry;
-    std::vector<c10::VariableVersion> param_versions;
-    std::vector<c10::VariableVersion> state_versions;  // momentum and backup
+    std::vector<c10::VariableVersion> state_versions;
   };
   bool on_cpu_ = false;
   mutable std::optional<Kept> kept_;
   mutable Checked kept_at_;
-  // kept_, with this step's gradient addresses, when it serves `scan`; else nullptr.
-  const cpu::FlatLists* kept_for(const ParamScan& scan) const;
   void keep(const BorrowedTensors& params, const ParamScan& scan) const;
-  // Whether every parameter is still what kept_ was taken from (for restore_).
+  // Whether the kept lists still describe `params`, as read now under the GIL (and were kept at
+  // `scan`'s generation, unless null): another thread may have re-pointed a parameter since the
+  // scan, while the step ran Python between its op calls.
+  bool still_kept(const BorrowedTensors& params, const ParamScan* scan) const;
   bool params_unchanged(const BorrowedTensors& params) const;
+  // Whether a call runs the CPU kernels on the kept lists rather than through the dispatcher.
+  bool runs_flat() const;
+  // The kept lists with this step's gradient addresses.
+  const cpu::FlatLists& with_grads(const ParamScan& scan) const;
 
   // The parameters' Python objects, unpacked at each call: holding their C++ tensors would make
   // torch.utils.swap_tensors refuse them (see ParamScan::Entry). Momentum and backup are the

@@ -1,16 +1,13 @@
-"""Review of 8841dd0 (an unchanged CPU step runs on kept addresses): what it gets wrong.
+"""Another thread re-points a parameter between the op calls of a step on kept addresses.
 
-On an unchanged step the native CPU ops run on parameter addresses that the scan validated at the
-start of ``first_step``, and ``sq_norm``/``perturb_`` do not look at the parameters again. Between
-the scan and those ops the step runs Python and torch ops, which let other threads run (torch's ops
-release the GIL, and the interpreter switches threads every few milliseconds). A thread that gives a
-parameter a new storage there (``p.data = t``, ``swap_tensors``, ``module.to()``) leaves the kept
-address pointing into the storage the parameter no longer holds: ``perturb_`` writes the perturbed
-values and the backup from there (freed memory, unless someone else holds it) and the parameter's
-own storage is never perturbed. Before 8841dd0 each op read the parameters' current storage
-(``NativeLists::params_now``), as ``restore_`` still does; the reference backend does too.
-
-Each finding is a strict xfail until it is fixed.
+On an unchanged step the native CPU ops run on addresses kept from an earlier full check. Between
+the scan and the ops the step runs Python and torch ops, which let other threads run (torch's ops
+release the GIL, and the interpreter switches threads every few milliseconds). A thread that gives
+a parameter a new storage there (``p.data = t``, ``swap_tensors``, ``module.to()``) must not make
+an op write the storage the parameter no longer holds (freed memory, unless someone else holds
+it): each op call compares every parameter, as it is when the call starts, with what was kept,
+and goes the fully checked way when one differs. Both tests failed on 8841dd0, which compared
+only at the scan (found by review).
 """
 
 import subprocess
@@ -26,10 +23,6 @@ from fsam_fused import distributed as fsam_distributed
 from tests.oracle import PlainSGD
 
 WARM_STEPS = 3  # the first step checks and keeps the addresses; the later ones run on them
-KEPT_ADDRESSES_STALE = (
-    "8841dd0: sq_norm/perturb_ use the parameter addresses the scan saw, not the storage the parameter "
-    "holds when they run; a storage replaced in between by another thread is written after it is freed"
-)
 
 
 def _warm(backend: str):
@@ -81,7 +74,6 @@ def _first_step_with_a_storage_replaced(backend: str, monkeypatch: pytest.Monkey
     return params[0].detach().clone(), held[0], before
 
 
-@pytest.mark.xfail(strict=True, reason=KEPT_ADDRESSES_STALE)
 def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_replaced_it():
     with pytest.MonkeyPatch.context() as monkeypatch:
         expected, _, _ = _first_step_with_a_storage_replaced("reference", monkeypatch)
@@ -129,7 +121,6 @@ _FREED_DURING_FIRST_STEP = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason=KEPT_ADDRESSES_STALE)
 @pytest.mark.skipif(not hasattr(torch.ops.fsam_fused, "perturb_"), reason="the native extension is not built")
 def test_a_storage_freed_by_another_thread_during_first_step_is_not_written():
     done = subprocess.run(
