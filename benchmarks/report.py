@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .e2e import E2EResult
-from .step_bench import StepResult
+from .step_bench import DEFAULT_VARIANT, PLAIN_STEP, StepResult
 
 
 def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
@@ -34,6 +34,23 @@ def derive(results: Sequence[StepResult], copy_bandwidth: float) -> None:
         ref = reference.get((r.preset, r.dtype, r.variant))
         if ref is not None and ref.total is not None:
             r.derived["speedup"] = ref.total.median / r.total.median
+    for r, plain in _variant_pairs(results):
+        r.derived[f"time_vs_{plain.variant}"] = r.total.median / plain.total.median
+
+
+def _variant_pairs(results: Sequence[StepResult]) -> list[tuple[StepResult, StepResult]]:
+    """(variant, plain step) pairs timed in the same run on the same preset, dtype and backend:
+    each variant against DEFAULT_VARIANT and against its PLAIN_STEP."""
+    timed = {(r.preset, r.dtype, r.backend, r.variant): r for r in results if r.total is not None}
+    pairs = []
+    for (preset, dtype, backend, variant), r in timed.items():
+        for plain in dict.fromkeys([PLAIN_STEP.get(variant), DEFAULT_VARIANT]):
+            base = timed.get((preset, dtype, backend, plain))
+            if plain is not None and plain != variant and base is not None:
+                pairs.append((r, base))
+    # Results come variant by variant; list each backend's variants together.
+    case = {key[:3]: i for i, key in reversed(list(enumerate(timed)))}
+    return sorted(pairs, key=lambda pair: case[(pair[0].preset, pair[0].dtype, pair[0].backend)])
 
 
 NOISY_SPREAD_PCT = 50.0  # interquartile range as % of the median beyond which a row is not quotable
@@ -115,6 +132,33 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
     failures = [f"{r.preset} {r.dtype} {r.backend}: {r.status}" for r in results if not r.ok]
     spreads = [r.total.spread_pct for r in results if r.total is not None]
     return "\n".join([_table(header, rows, left=4), note, *failures, *_noise_warning(spreads)])
+
+
+def variant_table(results: Sequence[StepResult]) -> str | None:
+    """Each SAM variant's step against the plain step(s) it is compared with, or None if the
+    run timed no variant beside its plain step."""
+    rows = [
+        [
+            r.preset,
+            r.dtype,
+            r.backend,
+            r.variant,
+            plain.variant,
+            f"{r.total.median:.2f}",
+            f"{plain.total.median:.2f}",
+            f"{100 * (r.total.median / plain.total.median - 1):+.1f}%",
+            f"{100 * (r.model_bytes / plain.model_bytes - 1):+.0f}%",
+        ]
+        for r, plain in _variant_pairs(results)
+    ]
+    if not rows:
+        return None
+    header = ["preset", "dtype", "backend", "variant", "against", "step ms", "against ms", "time", "bytes"]
+    note = (
+        "time: the variant's step time over the other's, minus 1 (medians of the same interleaved run); "
+        "bytes: the same for the bytes model (ASAM reads p in the norm pass as well)."
+    )
+    return "\n".join([_table(header, rows, left=5), note])
 
 
 HOST_OVERHEAD_PRESET = "tiny"

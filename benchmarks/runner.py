@@ -16,7 +16,7 @@ from .digits import check_agreement
 from .e2e import run_e2e
 from .machine import describe, slug
 from .measure import Budget, copy_bandwidth
-from .report import derive, e2e_table, host_table, step_table, write_json
+from .report import derive, e2e_table, host_table, step_table, variant_table, write_json
 from .step_bench import DEFAULT_VARIANT, StepResult, run_preset
 
 CPU_E2E_BATCH, CPU_E2E_BATCH_QUICK, CUDA_E2E_BATCH = 16, 4, 128
@@ -104,9 +104,7 @@ def run(
     agree &= all(r.ok for r in results)
 
     tables = [step_table(results, bandwidth)]
-    host = host_table(results)
-    if host is not None:
-        tables.append(host)
+    tables += [table for table in (variant_table(results), host_table(results)) if table is not None]
     if args.e2e:
         batch = e2e_batch(args, device)
         e2e = run_e2e(backends, device, batch, e2e_budget, progress)

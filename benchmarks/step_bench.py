@@ -36,10 +36,15 @@ GATE_STEPS = 3
 # The SAM variants of the normalisation operator (fsam_fused.hparams), on top of FSAM_KWARGS.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fsam": {},
-    "asam_eta": dict(adaptive=True, adaptive_eta=0.01),
     "fisher": dict(fisher_eta=1.0),
+    "asam": dict(adaptive=True),
+    "asam_eta": dict(adaptive=True, adaptive_eta=0.01),
 }
 DEFAULT_VARIANT = "fsam"
+# The plain step each variant is compared with besides DEFAULT_VARIANT: the same variant
+# with its eta at 0. ASAM's is ASAM, not F-SAM: ASAM reads p in the norm pass as well (more
+# bytes per element, whatever eta), so only against ASAM does the eta's own cost show.
+PLAIN_STEP: dict[str, str] = {"fisher": "fsam", "asam": "fsam", "asam_eta": "asam"}
 # PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
 # bytes they move per element in units of the parameter's element size.
 ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {

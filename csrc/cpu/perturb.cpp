@@ -8,6 +8,7 @@
 #include "../fsam_math.h"
 #include "../tensor_lists.h"
 #include "flat_walk.h"
+#include "wide_vectors.h"
 
 namespace fsam_fused::cpu {
 namespace {
@@ -24,7 +25,7 @@ struct PieceArgs {
 };
 
 template <typename T, bool HasMomentum, bool Adaptive, bool Fisher>
-void perturb_piece(const PieceArgs& a) {
+C10_ALWAYS_INLINE void perturb_piece(const PieceArgs& a) {
   T* __restrict p = static_cast<T*>(a.p);
   const T* __restrict g = static_cast<const T*>(a.g);
   float* __restrict m = a.m;
@@ -44,14 +45,30 @@ void perturb_piece(const PieceArgs& a) {
   }
 }
 
-void perturb_piece_dispatch(at::ScalarType dtype, bool has_momentum, const PieceArgs& a) {
+// The loop compiled for baseline x86-64 and for AVX2 (wide_vectors.h).
+template <typename T, bool HasMomentum, bool Adaptive, bool Fisher>
+C10_NOINLINE void perturb_piece_default(const PieceArgs& a) {
+  perturb_piece<T, HasMomentum, Adaptive, Fisher>(a);
+}
+
+template <typename T, bool HasMomentum, bool Adaptive, bool Fisher>
+C10_NOINLINE FSAM_TARGET_AVX2 void perturb_piece_avx2(const PieceArgs& a) {
+  perturb_piece<T, HasMomentum, Adaptive, Fisher>(a);
+}
+
+void perturb_piece_dispatch(at::ScalarType dtype, bool avx2, bool has_momentum, const PieceArgs& a) {
   dispatch_param_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
     dispatch_bools(
-        [&](auto with_m, auto adaptive, auto fisher) {
-          perturb_piece<T, decltype(with_m)::value, decltype(adaptive)::value, decltype(fisher)::value>(a);
+        [&](auto wide, auto with_m, auto adaptive, auto fisher) {
+          constexpr bool M = decltype(with_m)::value, A = decltype(adaptive)::value, F = decltype(fisher)::value;
+          if constexpr (decltype(wide)::value) {
+            perturb_piece_avx2<T, M, A, F>(a);
+          } else {
+            perturb_piece_default<T, M, A, F>(a);
+          }
         },
-        has_momentum, a.coef.t.adaptive, a.coef.t.fisher);
+        avx2, has_momentum, a.coef.t.adaptive, a.coef.t.fisher);
   });
 }
 
@@ -78,6 +95,7 @@ void perturb_flat(const FlatLists& lists, const float* coef, float total_sq_norm
   // that restore_ stays unconditional.
   const bool step_ok = std::isfinite(total_sq_norm);
   const bool has_momentum = !lists.momentum.empty();
+  const bool avx2 = use_avx2_kernels();
   at::parallel_for(0, lists.starts.back(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
     for_each_piece(lists.starts, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
       lists.prefetch(i + kPrefetchAhead);
@@ -98,7 +116,7 @@ void perturb_flat(const FlatLists& lists, const float* coef, float total_sq_norm
           c,
           step_scale(total_sq_norm, c.rho, eps),
           inv_scale};
-      perturb_piece_dispatch(lists.dtypes[i], has_momentum, a);
+      perturb_piece_dispatch(lists.dtypes[i], avx2, has_momentum, a);
     });
   });
 }
