@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "../fsam_math.h"
 #include "../tensor_lists.h"
 
 #include <utility>
@@ -71,6 +72,17 @@ void bump(std::vector<c10::VariableVersion>& versions) {
 // through .item(), an operator of its own that would count as a host read in the step).
 float value_of(const at::Tensor& t) {
   return *t.const_data_ptr<float>();
+}
+
+// Whether any row of a checked coefficient table is adaptive (its kernels read the parameter).
+bool any_adaptive(const at::Tensor& coef) {
+  const float* rows = coef.const_data_ptr<float>();
+  for (int64_t i = 0; i < coef.size(0); ++i) {
+    if (rows[i * kCoefColumns + kAdaptive] != 0.0f) {
+      return true;
+    }
+  }
+  return false;
 }
 
 float unscale_of(const std::optional<at::Tensor>& inv_scale) {
@@ -150,16 +162,21 @@ BorrowedTensors NativeLists::grads_of(const ParamScan& scan) const {
 
 at::Tensor NativeLists::sq_norm(
     const ParamScan& scan, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale) const {
-  const BorrowedTensors params = params_now();
-  const bool unchanged = sq_norm_checked_.current(scan) && still_kept(params, &scan);
-  if (unchanged && runs_flat()) {
+  const bool checked = sq_norm_checked_.current(scan) && kept_.has_value() && kept_at_.current(scan);
+  if (checked && runs_flat()) {
     RECORD_FUNCTION("fsam_fused::sq_norm", c10::ArrayRef<const c10::IValue>{});  // for the profiler
     check_cpu_call("sq_norm", coef, nullptr, inv_scale, params_.size());
-    const double sum = cpu::sq_norm_flat(with_grads(scan), coef.data_ptr<float>(), unscale_of(inv_scale));
-    at::Tensor out = at::empty({}, coef.options());
-    out.fill_(static_cast<float>(sum));
-    return out;
+    // The kept lists fix every size; the parameters' data is read only where adaptive (ASAM), and
+    // only then must they still be what was kept.
+    if (!any_adaptive(coef) || params_unchanged(params_now())) {
+      const double sum = cpu::sq_norm_flat(with_grads(scan), coef.data_ptr<float>(), unscale_of(inv_scale));
+      at::Tensor out = at::empty({}, coef.options());
+      out.fill_(static_cast<float>(sum));
+      return out;
+    }
   }
+  const BorrowedTensors params = params_now();
+  const bool unchanged = checked && params_unchanged(params);
   at::Tensor out;
   {
     const PrecheckedLists prechecked(unchanged);
