@@ -394,7 +394,13 @@ class FriendlySAM(torch.optim.Optimizer):
             fisher = [row[FISHER_ETA] != 0 for row in rows]
             lists = self._param_lists()
             state = self._param_state()
-            if planner.scan is None or state.dirty or planner.scan.scan(lists):
+            changed = planner.scan is None or state.dirty
+            if not changed:
+                changed, total = self._scan_and_first_pass(lists, rows, adaptive, fisher, plain, grad_scaler)
+                if total is not None:
+                    self._finish_first_pass(total, planner.plans, planner.scan, grad_scaler)
+                    return
+            if changed:
                 planner.replan(lists, self.backend, state, self._describe, self.process_group)
                 self._base_step.note_participants(planner.flat.params, planner.plans)
             plans, traced_grads, source = planner.plans, None, planner.scan
@@ -416,9 +422,56 @@ class FriendlySAM(torch.optim.Optimizer):
         total = distributed.all_reduce_sum_(total, planner.flat.norm_groups)
         if self.replica_group is not None:
             total = distributed.nonfinite_if_any_rank(total, self.replica_group)
-        step_ok = torch.isfinite(total)
         for backend, plan in plans:
             backend.perturb_(plan, total.to(plan.device))
+        self._finish_first_pass(total, plans, source, grad_scaler)
+
+    def _scan_and_first_pass(
+        self,
+        lists: list[list[Tensor]],
+        rows: tuple[Row, ...],
+        adaptive: list[bool],
+        fisher: list[bool],
+        plain: bool,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> tuple[bool, Tensor | None]:
+        """The scan of an eager step that has plans; returns whether it saw a change.
+
+        Where the step has one plan, on the main device, whose backend offers ``first_pass`` (the
+        native CPU backend), no norm to reduce across processes and no loss scale, the whole first
+        pass runs in the scan's call: no Python between the scan and the kernels, so nothing can
+        re-point a parameter in between, and they are not read again. Then it also returns the
+        squared norm, and only :meth:`_finish_first_pass` is left.
+        """
+        planner = self._planner
+        scan, plans = planner.scan, planner.plans
+        assert scan is not None
+        first_pass = getattr(plans[0][0], "first_pass", None) if len(plans) == 1 else None
+        if (
+            first_pass is None
+            or grad_scaler is not None
+            or planner.flat.norm_groups
+            or self.replica_group is not None
+            or plans[0][1].device != self._main_device()
+        ):
+            return scan.scan(lists), None
+        plan = plans[0][1]
+        plan.attach(scan, planner.table(plan.device).refresh(rows), rows, adaptive, fisher, self.eps)
+        if plain:
+            plan.coef[:, RHO] = 0.0
+        plan.inv_scale = None
+        changed, total = first_pass(plan, lists)
+        if total is None:
+            plan.release()
+        return changed, total
+
+    def _finish_first_pass(
+        self, total: Tensor, plans: Plans, source: Any, grad_scaler: torch.amp.GradScaler | None
+    ) -> None:
+        """After the first pass's kernels (``total``: the squared norm they used): the seeded flags,
+        the gradients released, and what second_step needs."""
+        step_ok = torch.isfinite(total)
+        for _, plan in plans:
             plan.mark_seeded(step_ok.to(device=plan.device, dtype=torch.float32))
             plan.release()
         if source is not None:

@@ -70,7 +70,8 @@ class DevicePlan:
         optimizer's attach and release, i.e. inside ``first_step``).
       positions: each tensor's index in the optimizer's parameter order (the scan's order).
       slot_list, group_list: host copies of ``slots`` and ``group_of``.
-      coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step.
+      coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step
+        (in eager mode the plan's own buffer, rewritten by the next step).
       group_positions: ``(group_index, positions in this plan)`` pairs, for backends that work per group.
       group_rows: host copies of each group's table row (empty inside ``torch.compile``).
       group_adaptive, group_fisher: whether each group is adaptive, and whether it may use
@@ -135,9 +136,31 @@ class DevicePlan:
         self.source, self.grads = source, None
         self.group_rows, self.eps = group_rows, eps
         self.group_adaptive, self.group_fisher = group_adaptive, group_fisher
-        coef = group_table.index_select(0, self.group_of)
-        coef[:, LMBDA] *= self.state.seeded.index_select(0, self.slots)
+        if torch.compiler.is_compiling():
+            coef = group_table.index_select(0, self.group_of)
+            coef[:, LMBDA] *= self.state.seeded.index_select(0, self.slots)
+            self.coef = coef
+            return
+        coef, seeded = self._step_buffers()
+        torch.index_select(group_table, 0, self.group_of, out=coef)
+        torch.index_select(self.state.seeded, 0, self.slots, out=seeded)
+        coef.select(1, LMBDA).mul_(seeded)
         self.coef = coef
+
+    def _step_buffers(self) -> tuple[Tensor, Tensor]:
+        """The plan's own ``coef`` table and a buffer for its tensors' seeded flags, rewritten
+        by every eager step. Allocating them per step cost more than the rest of the step's host
+        work on a model of small tensors: on the CPU, a block of this size is where glibc's malloc
+        first consolidates all the small blocks freed since (by the forward and backward passes,
+        or another optimizer), about a millisecond after a pass that freed many tensors."""
+        buffers = self.cache.get("step_buffers")
+        if buffers is None:
+            n = len(self.params)
+            buffers = self.cache["step_buffers"] = (
+                torch.empty((n, COEF_COLUMNS), dtype=torch.float32, device=self.device),
+                torch.empty((n,), dtype=torch.float32, device=self.device),
+            )
+        return buffers
 
     def release(self) -> None:
         """Forget this step's gradients."""
@@ -146,7 +169,13 @@ class DevicePlan:
     def mark_seeded(self, step_ok: Tensor) -> None:
         """Record on the device that a finite step seeded the momentum of the plan's tensors."""
         seeded = self.state.seeded
-        seeded.index_copy_(0, self.slots, torch.maximum(seeded.index_select(0, self.slots), step_ok))
+        if torch.compiler.is_compiling():
+            seeded.index_copy_(0, self.slots, torch.maximum(seeded.index_select(0, self.slots), step_ok))
+            return
+        selected = self._step_buffers()[1]
+        torch.index_select(seeded, 0, self.slots, out=selected)
+        torch.maximum(selected, step_ok, out=selected)
+        seeded.index_copy_(0, self.slots, selected)
 
 
 def build_plan(

@@ -77,6 +77,48 @@ def test_second_step_restores_into_the_storage_the_parameter_holds_now(backend, 
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+def _step_re_pointed_during_its_re_plan(
+    backend: str,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Warm steps; then a step that re-plans (params[0] got a new storage), during which params[0]
+    is re-pointed again right after the re-plan's scan, as another thread could (to ``mid``), and
+    after which it gets back the storage that scan saw; then one more step. Returns the parameters
+    after it, ``mid`` and ``mid``'s values before that last step."""
+    params, opt, gen = _warm(backend)
+    seen = params[0].data.clone()
+    params[0].data = seen  # a change the next scan sees: the step re-plans
+    mid = seen.clone()
+    replan = opt._planner.replan
+
+    def replan_then_re_point(*args, **kwargs):
+        replan(*args, **kwargs)
+        params[0].data = mid
+
+    opt._planner.replan = replan_then_re_point
+    opt.first_step(zero_grad=True)
+    opt._planner.replan = replan
+    _grads(params, gen)
+    opt.second_step(zero_grad=True)
+    params[0].data = seen  # as the re-plan's scan saw it: the next scan sees no change
+    _grads(params, gen)
+    mid_before = mid.clone()
+    opt.first_step(zero_grad=True)
+    _grads(params, gen)
+    opt.second_step(zero_grad=True)
+    return [p.detach().clone() for p in params], mid, mid_before
+
+
+def test_lists_checked_on_a_parameter_the_re_plan_did_not_see_are_not_kept(backend):
+    # The ops of a re-planning step check the parameters as they are then; if one is not what the
+    # re-plan's scan saw, what they checked must not be kept for later steps, which the scan vouches
+    # for: once the parameter is back to what the scan saw, the kept address would be ``mid``'s.
+    expected, _, _ = _step_re_pointed_during_its_re_plan("reference")
+    actual, mid, mid_before = _step_re_pointed_during_its_re_plan(backend)
+    assert torch.equal(mid, mid_before), "a later step wrote the storage the parameter held only mid-step"
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_second_step_refuses_a_parameter_whose_shape_changed_between_the_passes():
     params, opt, _ = _warm("native")
     opt.first_step(zero_grad=True)

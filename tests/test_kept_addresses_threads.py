@@ -1,13 +1,21 @@
-"""Another thread re-points a parameter between the op calls of a step on kept addresses.
+"""Another thread re-points a parameter during a step on kept addresses.
 
-On an unchanged step the native CPU ops run on addresses kept from an earlier full check. Between
-the scan and the ops the step runs Python and torch ops, which let other threads run (torch's ops
-release the GIL, and the interpreter switches threads every few milliseconds). A thread that gives
-a parameter a new storage there (``p.data = t``, ``swap_tensors``, ``module.to()``) must not make
-an op write the storage the parameter no longer holds (freed memory, unless someone else holds
-it): each op call compares every parameter, as it is when the call starts, with what was kept,
-and goes the fully checked way when one differs. Both tests failed on 8841dd0, which compared
-only at the scan (found by review).
+On an unchanged step the native CPU ops run on addresses kept from an earlier full check. A
+thread that gives a parameter a new storage during the step (``p.data = t``, ``swap_tensors``,
+``module.to()``) must not make an op write the storage the parameter no longer holds (freed
+memory, unless someone else holds it). Other threads run wherever the step runs Python or torch
+ops (torch's ops release the GIL, and the interpreter switches threads every few milliseconds):
+
+- where the step's first pass is one call (one plan on the CPU: NativeLists.first_pass), the scan
+  runs inside that call, so such a thread runs before it (and the scan sees the change) or after;
+- where it is several calls (a loss scale, several plans, a norm summed across processes), Python
+  runs between the scan and the ops: each op call compares every parameter, as it is when the
+  call starts, with what was kept, and goes the fully checked way when one differs.
+
+Each test runs the other thread at one point of the step (made deterministic with two events:
+the step waits without the GIL, as it does in each torch op): before the scan on the one-call path,
+between sq_norm and perturb_ on the other. On the several-call path both tests failed on 8841dd0,
+which compared only at the scan (found by review).
 """
 
 import subprocess
@@ -20,9 +28,13 @@ import torch
 
 from fsam_fused import FriendlySAM
 from fsam_fused import distributed as fsam_distributed
+from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
 
+native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
+
 WARM_STEPS = 3  # the first step checks and keeps the addresses; the later ones run on them
+PATHS = ["one call", "several calls"]
 
 
 def _warm(backend: str):
@@ -39,26 +51,46 @@ def _warm(backend: str):
     return params, opt
 
 
-def _first_step_with_a_storage_replaced(backend: str, monkeypatch: pytest.MonkeyPatch):
-    """A first_step during which another thread runs ``p.data = p.data.clone()`` on params[0]; the
-    thread runs at one point of the step where it could anyway (made deterministic with two events:
-    the step waits without the GIL, as it does in each torch op). Returns params[0] after the step,
-    the storage it held before (kept alive here, so a stale write lands in it instead of freed
-    memory) and that storage's values before the step."""
+def _pause_in_step(path: str, monkeypatch: pytest.MonkeyPatch, pause) -> None:
+    """Make the first pass call ``pause()`` where other threads can run: before the scan on the
+    one-call path (plan.attach runs just before it), or between sq_norm and perturb_ (the norm's
+    reduction) on the several-call path, taken here by hiding the native backend's one call."""
+    if path == "one call":
+        attach = DevicePlan.attach
+
+        def attach_after_a_pause(self, *args, **kwargs):
+            pause()
+            return attach(self, *args, **kwargs)
+
+        monkeypatch.setattr(DevicePlan, "attach", attach_after_a_pause)
+    else:
+        monkeypatch.delattr(native_backend, "first_pass")
+        reduce = fsam_distributed.all_reduce_sum_
+
+        def reduce_after_a_pause(total, groups):
+            pause()
+            return reduce(total, groups)
+
+        monkeypatch.setattr(fsam_distributed, "all_reduce_sum_", reduce_after_a_pause)
+
+
+def _first_step_with_a_storage_replaced(backend: str, path: str, monkeypatch: pytest.MonkeyPatch):
+    """A first_step during which another thread runs ``p.data = p.data.clone()`` on params[0], at
+    the point of the step that ``path`` names. Returns params[0] after the step, the storage it held
+    before (kept alive here, so a stale write lands in it instead of freed memory) and that
+    storage's values before the step."""
     params, opt = _warm(backend)
     in_step, replaced = threading.Event(), threading.Event()
-    reduce = fsam_distributed.all_reduce_sum_  # called between sq_norm and perturb_
 
-    def reduce_after_the_other_thread_ran(total, groups):
+    def pause() -> None:
         in_step.set()
         assert replaced.wait(timeout=60)
-        return reduce(total, groups)
 
-    monkeypatch.setattr(fsam_distributed, "all_reduce_sum_", reduce_after_the_other_thread_ran)
+    _pause_in_step(path, monkeypatch, pause)
     held = []
 
     def other_thread() -> None:
-        in_step.wait(timeout=60)
+        assert in_step.wait(timeout=60)
         held.append(params[0].data)
         params[0].data = params[0].data.clone()
         replaced.set()
@@ -69,16 +101,19 @@ def _first_step_with_a_storage_replaced(backend: str, monkeypatch: pytest.Monkey
     try:
         opt.first_step(zero_grad=True)
     finally:
+        replaced.set()  # (whatever happened, the step does not wait on)
         thread.join()
         monkeypatch.undo()
+    assert held, "the other thread did not run during the step"
     return params[0].detach().clone(), held[0], before
 
 
-def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_replaced_it():
+@pytest.mark.parametrize("path", PATHS)
+def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_replaced_it(path):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        expected, _, _ = _first_step_with_a_storage_replaced("reference", monkeypatch)
+        expected, _, _ = _first_step_with_a_storage_replaced("reference", path, monkeypatch)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        actual, former, former_before = _first_step_with_a_storage_replaced("native", monkeypatch)
+        actual, former, former_before = _first_step_with_a_storage_replaced("native", path, monkeypatch)
     # The storage the parameter no longer holds is not the optimizer's to write...
     written = int((former != former_before).sum())
     assert written == 0, f"perturb_ wrote {written} elements of a storage the parameter no longer holds"
@@ -91,6 +126,8 @@ _FREED_DURING_FIRST_STEP = textwrap.dedent(
     import threading, torch
     from fsam_fused import FriendlySAM
     from fsam_fused import distributed
+    from fsam_fused.backends import native
+    from fsam_fused.plan import DevicePlan
     torch.set_num_threads(1)
     n = 16_000_000  # 64 MB: allocated with mmap, so a freed storage is unmapped
     p = torch.nn.Parameter(torch.zeros(n))
@@ -102,28 +139,38 @@ _FREED_DURING_FIRST_STEP = textwrap.dedent(
         opt.second_step(zero_grad=True)
     p.grad = torch.ones(n)
     in_step, replaced = threading.Event(), threading.Event()
-    reduce = distributed.all_reduce_sum_
-    def reduce_after_the_other_thread_ran(total, groups):
+    def pause():
         in_step.set()
         replaced.wait(timeout=60)
-        return reduce(total, groups)
-    distributed.all_reduce_sum_ = reduce_after_the_other_thread_ran
+    if PATH == "one call":
+        attach = DevicePlan.attach
+        def attach_after_a_pause(self, *args, **kwargs):
+            pause()
+            return attach(self, *args, **kwargs)
+        DevicePlan.attach = attach_after_a_pause
+    else:
+        del native.first_pass
+        reduce = distributed.all_reduce_sum_
+        def reduce_after_a_pause(total, groups):
+            pause()
+            return reduce(total, groups)
+        distributed.all_reduce_sum_ = reduce_after_a_pause
     def other_thread():
-        in_step.wait(timeout=60)
+        assert in_step.wait(timeout=60)
         p.data = torch.zeros(n)  # the last owner of the former storage lets it go
         replaced.set()
     t = threading.Thread(target=other_thread)
     t.start()
     opt.first_step(zero_grad=True)
     t.join()
+    assert in_step.is_set(), "the step did not pause"
     assert p.abs().sum() > 0, "the parameter was not perturbed"
     """
 )
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.fsam_fused, "perturb_"), reason="the native extension is not built")
-def test_a_storage_freed_by_another_thread_during_first_step_is_not_written():
-    done = subprocess.run(
-        [sys.executable, "-c", _FREED_DURING_FIRST_STEP], capture_output=True, text=True, timeout=120
-    )
+@pytest.mark.parametrize("path", PATHS)
+def test_a_storage_freed_by_another_thread_during_first_step_is_not_written(path):
+    script = _FREED_DURING_FIRST_STEP.replace("PATH", repr(path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"the process exited with {done.returncode}: {done.stderr[-2000:]}"

@@ -1,6 +1,7 @@
 // The Python module `fsam_fused._C`. Importing it loads this library, which registers the
 // ops (schemas in csrc/ops.cpp, reached through torch.ops.fsam_fused), and exposes the
 // host-side step helpers that keep per-tensor work out of Python (ParamScan, NativeLists).
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "native_lists.h"
@@ -21,7 +22,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ParamScan>(m, "ParamScan")
       .def(py::init<const py::list&>(), py::arg("param_lists"))
-      .def("scan", &ParamScan::scan, py::arg("param_lists"))
+      // (Holding the gradients: a scan that keeps only their addresses is for a caller that uses
+      // them within the same call, NativeLists::first_pass.)
+      .def("scan", [](ParamScan& scan, const py::list& param_lists) { return scan.scan(param_lists); }, py::arg("param_lists"))
       .def("grads", &ParamScan::grads, py::arg("positions"))
       .def("release", &ParamScan::release)
       .def("watch", &ParamScan::watch, py::arg("tensors"));
@@ -39,5 +42,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("positions"))
       .def("sq_norm", &NativeLists::sq_norm)
       .def("perturb_", &NativeLists::perturb_)
-      .def("restore_", &NativeLists::restore_);
+      .def("restore_", &NativeLists::restore_)
+      .def("first_pass", &NativeLists::first_pass);
 }

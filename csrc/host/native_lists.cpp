@@ -10,7 +10,9 @@
 
 #include "../fsam_math.h"
 #include "../tensor_lists.h"
+#include "object_prefetch.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace fsam_fused::host {
@@ -142,11 +144,11 @@ BorrowedTensors NativeLists::params_now() const {
   BorrowedTensors params;
   params.tensors.reserve(params_.size());
   for (const pybind11::object& p : params_) {  // (see kPrefetchBlock)
-    __builtin_prefetch(p.ptr());
+    prefetch_python_tensor(p.ptr());
   }
   for (const pybind11::object& p : params_) {
     params.tensors.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(p.ptr())));
-    prefetch_bytes(params.tensors.back().unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+    prefetch_impl(params.tensors.back().unsafeGetTensorImpl());
   }
   return params;
 }
@@ -168,15 +170,15 @@ at::Tensor NativeLists::sq_norm(
     check_cpu_call("sq_norm", coef, nullptr, inv_scale, params_.size());
     // The kept lists fix every size; the parameters' data is read only where adaptive (ASAM), and
     // only then must they still be what was kept.
-    if (!any_adaptive(coef) || params_unchanged(params_now())) {
+    if (!any_adaptive(coef) || params_unchanged()) {
       const double sum = cpu::sq_norm_flat(with_grads(scan), coef.data_ptr<float>(), unscale_of(inv_scale));
       at::Tensor out = at::empty({}, coef.options());
       out.fill_(static_cast<float>(sum));
       return out;
     }
   }
+  const bool unchanged = checked && params_unchanged();
   const BorrowedTensors params = params_now();
-  const bool unchanged = checked && params_unchanged(params);
   at::Tensor out;
   {
     const PrecheckedLists prechecked(unchanged);
@@ -196,18 +198,18 @@ void NativeLists::perturb_(
     const at::Tensor& total_sq_norm,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
-  const BorrowedTensors params = params_now();
-  const bool unchanged = perturb_checked_.current(scan) && still_kept(params, &scan);
+  const bool unchanged = perturb_checked_.current(scan) && still_kept(&scan);
   if (unchanged && runs_flat()) {
     RECORD_FUNCTION("fsam_fused::perturb_", c10::ArrayRef<const c10::IValue>{});
     check_cpu_call("perturb_", coef, &total_sq_norm, inv_scale, params_.size());
     cpu::perturb_flat(
         with_grads(scan), coef.data_ptr<float>(), value_of(total_sq_norm), static_cast<float>(eps),
         unscale_of(inv_scale));
-    bump_versions(params.tensors);
+    bump_param_versions();
     bump(kept_->state_versions);
     return;
   }
+  const BorrowedTensors params = params_now();
   {
     const PrecheckedLists prechecked(unchanged);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -223,15 +225,53 @@ void NativeLists::perturb_(
   bump_versions(backup_);
 }
 
+std::pair<bool, std::optional<at::Tensor>> NativeLists::first_pass(
+    ParamScan& scan,
+    const pybind11::list& param_lists,
+    const at::Tensor& coef,
+    double eps,
+    const std::optional<at::Tensor>& inv_scale) const {
+  // Whether the kept lists serve if the scan sees no change (its generation then stays as now).
+  const bool flat = runs_flat() && kept_.has_value() && kept_at_.current(scan) && sq_norm_checked_.current(scan) &&
+      perturb_checked_.current(scan);
+  if (scan.scan(param_lists, /*hold=*/!flat)) {
+    return {true, std::nullopt};
+  }
+  if (!flat) {
+    return {false, std::nullopt};
+  }
+  const cpu::FlatLists& lists = with_grads(scan);
+  const float unscale = unscale_of(inv_scale);
+  float total = 0.0f;
+  {
+    RECORD_FUNCTION("fsam_fused::sq_norm", c10::ArrayRef<const c10::IValue>{});  // for the profiler
+    check_cpu_call("sq_norm", coef, nullptr, inv_scale, params_.size());
+    // (As sq_norm_ returns it and perturb_ reads it: the fp32 rounding of the double sum.)
+    total = static_cast<float>(cpu::sq_norm_flat(lists, coef.data_ptr<float>(), unscale));
+  }
+  {
+    RECORD_FUNCTION("fsam_fused::perturb_", c10::ArrayRef<const c10::IValue>{});
+    cpu::perturb_flat(lists, coef.data_ptr<float>(), total, static_cast<float>(eps), unscale);
+    bump_param_versions();
+    bump(kept_->state_versions);
+  }
+  at::Tensor out = at::empty({}, coef.options());
+  out.fill_(total);
+  return {false, out};
+}
+
 void NativeLists::restore_() const {
   if (params_.empty()) {
     return;
   }
-  const BorrowedTensors params = params_now();
-  if (runs_flat() && still_kept(params, nullptr)) {
+  if (runs_flat() && still_kept(nullptr)) {
     RECORD_FUNCTION("fsam_fused::restore_", c10::ArrayRef<const c10::IValue>{});
     cpu::restore_flat(kept_->lists);
-  } else {
+    bump_param_versions();
+    return;
+  }
+  const BorrowedTensors params = params_now();
+  {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     restore_op().call(params.tensors, backup_);
   }
@@ -244,12 +284,17 @@ bool NativeLists::runs_flat() const {
   return on_cpu_ && !c10::impl::dispatch_mode_enabled();
 }
 
-bool NativeLists::still_kept(const BorrowedTensors& params, const ParamScan* scan) const {
-  return kept_.has_value() && (scan == nullptr || kept_at_.current(*scan)) && params_unchanged(params);
+bool NativeLists::still_kept(const ParamScan* scan) const {
+  return kept_.has_value() && (scan == nullptr || kept_at_.current(*scan)) && params_unchanged();
 }
 
 void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) const {
   kept_.reset();  // until it is whole
+  for (size_t i = 0; i < params.tensors.size(); ++i) {
+    if (!scan.saw(positions_[i], params.tensors[i])) {
+      return;  // re-pointed since the scan (by another thread): the next scan sees it, and keeps
+    }
+  }
   Kept kept;
   kept.lists = cpu::FlatLists::of(params.tensors, {}, momentum_, backup_);
   kept.lists.grads.resize(params_.size());
@@ -281,13 +326,25 @@ const cpu::FlatLists& NativeLists::with_grads(const ParamScan& scan) const {
   return lists;
 }
 
-bool NativeLists::params_unchanged(const BorrowedTensors& params) const {
+bool NativeLists::params_unchanged() const {
+  // Safe without a reference to each parameter because the call holds the GIL (module.cpp):
+  // nothing can swap or free what their Python objects hold until it returns.
   const Kept& kept = *kept_;
-  for (size_t i = 0; i < params.tensors.size(); ++i) {  // (see kPrefetchBlock)
-    __builtin_prefetch(params.tensors[i].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  const size_t n = params_.size();
+  // One level of the chain per pass over all of them, prefetching the next: the misses of a
+  // pass overlap as far as the core allows. (Unlike the scan, which has more to do per tensor
+  // and works in blocks, a pass here does nothing else for the core to overlap with.)
+  for (size_t i = 0; i < n; ++i) {
+    prefetch_python_tensor(params_[i].ptr());
   }
-  for (size_t i = 0; i < params.tensors.size(); ++i) {
-    const at::Tensor& p = params.tensors[i];
+  for (size_t i = 0; i < n; ++i) {
+    prefetch_impl(THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    prefetch_storage(THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
     const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
     if (impl != kept.impls[i] || impl->data() != kept.lists.params[i] || p.scalar_type() != kept.lists.dtypes[i] ||
         !kept.geometry[i].matches(p)) {
@@ -295,6 +352,12 @@ bool NativeLists::params_unchanged(const BorrowedTensors& params) const {
     }
   }
   return true;
+}
+
+void NativeLists::bump_param_versions() const {
+  for (const pybind11::object& p : params_) {
+    torch::autograd::increment_version(THPVariable_Unpack(p.ptr()));
+  }
 }
 
 }  // namespace fsam_fused::host

@@ -15,6 +15,7 @@
 #include <pybind11/pybind11.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../cpu/flat_walk.h"
@@ -50,6 +51,19 @@ class NativeLists {
       const std::optional<at::Tensor>& inv_scale) const;
   void restore_() const;
 
+  // The first pass in one call, for a step with this one plan: the scan of `param_lists` (held by
+  // `scan`), then, if it saw no change and the kept lists serve, sq_norm and perturb_ on them with
+  // the squared norm they found. No Python runs in between, so the parameters are as the scan saw
+  // them: they are not read again, and the scan holds no gradient. Returns whether the scan saw a
+  // change, and the squared norm (fp32 0-dim) if the pass ran; with (false, nullopt) the scan
+  // holds this step's gradients and the caller calls sq_norm and perturb_ itself.
+  std::pair<bool, std::optional<at::Tensor>> first_pass(
+      ParamScan& scan,
+      const pybind11::list& param_lists,
+      const at::Tensor& coef,
+      double eps,
+      const std::optional<at::Tensor>& inv_scale) const;
+
  private:
   BorrowedTensors grads_of(const ParamScan& scan) const;
   BorrowedTensors params_now() const;
@@ -72,6 +86,8 @@ class NativeLists {
   // The lists' addresses, taken after a full check at scan `kept_at_`, with what they were taken
   // from: each parameter's TensorImpl and shape, and the version counters of the momentum and
   // backup views (the parameters' are bumped through the parameters, whatever they hold now).
+  // Kept only when each parameter is what the scan saw at that generation, so a later scan that
+  // sees no change vouches for the kept lists (first_pass).
   struct Kept {
     cpu::FlatLists lists;
     std::vector<const c10::TensorImpl*> impls;
@@ -85,8 +101,13 @@ class NativeLists {
   // Whether the kept lists still describe `params`, as read now under the GIL (and were kept at
   // `scan`'s generation, unless null): another thread may have re-pointed a parameter since the
   // scan, while the step ran Python between its op calls.
-  bool still_kept(const BorrowedTensors& params, const ParamScan* scan) const;
-  bool params_unchanged(const BorrowedTensors& params) const;
+  // Both read the parameters through their Python objects, without gathering them: a vector of
+  // them per call would be an allocation of a size at which glibc's malloc first consolidates
+  // every small block freed since (by the passes between the step's calls), about a millisecond.
+  bool still_kept(const ParamScan* scan) const;
+  bool params_unchanged() const;
+  // Bumps the parameters' version counters, as the autograd fallback would (see bump_versions).
+  void bump_param_versions() const;
   // Whether a call runs the CPU kernels on the kept lists rather than through the dispatcher.
   bool runs_flat() const;
   // The kept lists with this step's gradient addresses.

@@ -1,5 +1,7 @@
 #include "param_scan.h"
 
+#include "object_prefetch.h"
+
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -56,11 +58,10 @@ bool ParamScan::same_members(const py::list& param_lists) const {
   return true;
 }
 
-// Records the parameter's and its gradient's current state in `entry`; true if it differs
-// from what was recorded before.
-bool ParamScan::observe(Entry& entry) {
+bool ParamScan::observe(Entry& entry, bool hold, const void*& address) {
   const at::Tensor& p = THPVariable_Unpack(entry.object.ptr());
   bool changed = false;
+  address = nullptr;
   const void* data = p.unsafeGetTensorImpl()->data();
   if (p.unsafeGetTensorImpl() != entry.impl || data != entry.data || p.scalar_type() != entry.dtype ||
       p.device() != entry.device || !entry.geometry.matches(p)) {
@@ -100,63 +101,85 @@ bool ParamScan::observe(Entry& entry) {
   if (changed) {
     entry.grad_relaid = g.numel() > 1 && !g.strides().equals(p.strides());
   }
-  entry.grad = entry.grad_relaid ? at::empty_like(p).copy_(g) : g;
+  if (entry.grad_relaid) {
+    entry.grad = at::empty_like(p).copy_(g);
+    address = entry.grad.data_ptr();
+    return changed;
+  }
+  entry.grad = hold ? g : at::Tensor();
+  address = g.data_ptr();
   return changed;
 }
 
 void ParamScan::prefetch(size_t begin, size_t end) const {
   std::array<const c10::TensorImpl*, kPrefetchBlock> impls{};
   for (size_t i = begin; i < end; ++i) {
-    __builtin_prefetch(entries_[i].object.ptr());
+    prefetch_python_tensor(entries_[i].object.ptr());
   }
   for (size_t i = begin; i < end; ++i) {
     impls[i - begin] = impl_of(entries_[i].object.ptr());
-    prefetch_bytes(impls[i - begin], sizeof(c10::TensorImpl));
+    prefetch_impl(impls[i - begin]);
   }
   for (size_t i = begin; i < end; ++i) {
-    const c10::TensorImpl* impl = impls[i - begin];
-    __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
-    __builtin_prefetch(impl->autograd_meta());
+    prefetch_storage(impls[i - begin]);
+    prefetch_grad_slot(impls[i - begin]);
   }
   for (size_t i = begin; i < end; ++i) {
     impls[i - begin] = impls[i - begin]->grad().unsafeGetTensorImpl();
-    prefetch_bytes(impls[i - begin], sizeof(c10::TensorImpl));
+    prefetch_impl(impls[i - begin]);
   }
   for (size_t i = begin; i < end; ++i) {
-    if (impls[i - begin]->has_storage()) {  // (false for the undefined gradient's singleton)
-      __builtin_prefetch(impls[i - begin]->unsafe_storage().unsafeGetStorageImpl());
-    }
+    prefetch_storage(impls[i - begin]);
   }
 }
 
-bool ParamScan::scan(const py::list& param_lists) {
+bool ParamScan::scan(const py::list& param_lists, bool hold) {
   bool changed = generation_ == 0 || !same_members(param_lists);
+  bool holds = false;
   grad_addresses_.resize(entries_.size());
   for (size_t begin = 0; begin < entries_.size(); begin += kPrefetchBlock) {
     const size_t end = std::min(entries_.size(), begin + kPrefetchBlock);
     prefetch(begin, end);
     for (size_t i = begin; i < end; ++i) {
-      Entry& entry = entries_[i];
-      changed |= observe(entry);
-      grad_addresses_[i] =
-          entry.grad.defined() && entry.grad_layout == c10::kStrided ? entry.grad.data_ptr() : nullptr;
+      changed |= observe(entries_[i], hold, grad_addresses_[i]);
+      holds |= entries_[i].grad.defined();
     }
   }
   for (const Watched& w : watched_) {
-    __builtin_prefetch(w.object.ptr());
+    prefetch_python_tensor(w.object.ptr());
   }
   for (const Watched& w : watched_) {
-    prefetch_bytes(impl_of(w.object.ptr()), sizeof(c10::TensorImpl));
+    prefetch_impl(impl_of(w.object.ptr()));
+  }
+  for (const Watched& w : watched_) {
+    prefetch_storage(impl_of(w.object.ptr()));
   }
   for (Watched& w : watched_) {
     const void* data = impl_of(w.object.ptr())->data();
     changed |= data != w.data;
     w.data = data;
   }
+  if (changed && !hold) {
+    // The caller re-plans from grads(): hold them after all. (Nothing ran since they were read.)
+    for (Entry& entry : entries_) {
+      if (entry.has_grad && !entry.grad.defined()) {
+        entry.grad = impl_of(entry.object.ptr())->grad();
+        holds = true;
+      }
+    }
+  }
+  holds_grads_ = holds;
   if (changed) {
     ++generation_;
   }
   return changed;
+}
+
+bool ParamScan::saw(int64_t position, const at::Tensor& t) const {
+  const Entry& entry = entries_.at(position);
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return impl == entry.impl && impl->data() == entry.data && t.scalar_type() == entry.dtype &&
+      t.device() == entry.device && entry.geometry.matches(t);
 }
 
 std::vector<std::optional<at::Tensor>> ParamScan::grads(const std::vector<int64_t>& positions) const {
@@ -185,8 +208,11 @@ void ParamScan::watch(const py::list& tensors) {
 }
 
 void ParamScan::release() {
-  for (Entry& entry : entries_) {
-    entry.grad = at::Tensor();
+  if (holds_grads_) {
+    for (Entry& entry : entries_) {
+      entry.grad = at::Tensor();
+    }
+    holds_grads_ = false;
   }
   std::fill(grad_addresses_.begin(), grad_addresses_.end(), nullptr);
 }

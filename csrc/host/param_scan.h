@@ -55,7 +55,15 @@ class ParamScan {
 
   // Reads every parameter's .grad; true when membership, a parameter, the set of gradients or
   // a gradient's layout differs from the previous call (always true on the first call).
-  bool scan(const pybind11::list& param_lists);
+  // With `hold`, or when it returns true, the scan holds a reference to each gradient until
+  // release(), for grads(); without, and nothing changed, it keeps only their addresses
+  // (grad_addresses()), for a caller that uses them before it releases the GIL. (A gradient
+  // copied into its parameter's layout is held either way: the copy is the scan's own.)
+  bool scan(const pybind11::list& param_lists, bool hold = true);
+
+  // Whether `t` is what the last scan saw at `position`: the same TensorImpl, data, dtype,
+  // device, shape and strides.
+  bool saw(int64_t position, const at::Tensor& t) const;
 
   // This step's gradients (laid out like their parameters) at `positions`; nullopt where none.
   std::vector<std::optional<at::Tensor>> grads(const std::vector<int64_t>& positions) const;
@@ -103,12 +111,14 @@ class ParamScan {
     c10::Device grad_device = c10::Device(c10::DeviceType::CPU);
     Geometry grad_geometry;
     bool grad_relaid = false;  // copied into the parameter's layout (other strides)
-    at::Tensor grad;  // held from scan() to release()
+    at::Tensor grad;  // held from scan() to release() (see scan's `hold`)
   };
 
   bool same_members(const pybind11::list& param_lists) const;
   void prefetch(size_t begin, size_t end) const;
-  static bool observe(Entry& entry);
+  // Records the parameter's and its gradient's state in `entry` and the gradient's address (or
+  // nullptr) in `address`; true if either differs from what was recorded before.
+  static bool observe(Entry& entry, bool hold, const void*& address);
 
   struct Watched {
     pybind11::object object;
@@ -119,6 +129,7 @@ class ParamScan {
   std::vector<size_t> group_sizes_;
   std::vector<Entry> entries_;
   std::vector<const void*> grad_addresses_;
+  bool holds_grads_ = false;  // some entry's `grad` is defined (so release() has work)
   uint64_t id_;
   uint64_t generation_ = 0;
 };

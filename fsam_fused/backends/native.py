@@ -68,6 +68,19 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     )
 
 
+def first_pass(plan: DevicePlan, param_lists: list[list[Tensor]]) -> tuple[bool, Tensor | None]:
+    """The scan (``plan.source``, a compiled scan) of ``param_lists`` and, if it saw no change,
+    ``sq_norm`` and ``perturb_`` with the squared norm they found, in one call (see
+    ``NativeLists.first_pass``): for a step whose only plan this is, with no norm to reduce
+    across processes. Returns whether the scan saw a change, and the squared norm if the pass
+    ran; with ``(False, None)`` the caller runs ``sq_norm`` and ``perturb_`` itself."""
+    lists = _lists(plan)
+    if lists is None:
+        changed = plan.source.scan(param_lists)
+        return changed, None
+    return lists.first_pass(plan.source, param_lists, plan.coef, plan.eps, plan.inv_scale)
+
+
 def restore_(plan: DevicePlan) -> None:
     """``p <- backup``, a bit-exact copy in place."""
     lists = plan.cache.get(name)

@@ -1,0 +1,41 @@
+// Prefetches of the objects behind a parameter, for the host loops over many tensors (the scan
+// and the kept lists' checks): each names the fields those loops read, so that an object that
+// straddles a cache-line boundary is fetched whole (see prefetch_bytes).
+#pragma once
+
+#include <c10/core/StorageImpl.h>
+#include <c10/core/TensorImpl.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include "../prefetch.h"
+
+namespace fsam_fused::host {
+
+// The Python tensor's pointer to its C++ tensor.
+inline void prefetch_python_tensor(PyObject* tensor) {
+  const auto* variable = reinterpret_cast<const THPVariable*>(tensor);
+  prefetch_bytes(&variable->cdata, sizeof(variable->cdata));
+}
+
+inline void prefetch_impl(const c10::TensorImpl* impl) {
+  prefetch_bytes(impl, sizeof(c10::TensorImpl));
+}
+
+// The storage object that holds the data pointer (not the data).
+inline void prefetch_storage(const c10::TensorImpl* impl) {
+  if (impl->has_storage()) {  // (false for the undefined tensor's singleton)
+    prefetch_bytes(impl->unsafe_storage().unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
+  }
+}
+
+// The autograd metadata's gradient slot. (Only its address is computed, never read: a prefetch
+// of any address is harmless.)
+inline void prefetch_grad_slot(const c10::TensorImpl* impl) {
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta());
+  if (meta != nullptr) {
+    prefetch_bytes(&meta->grad_, sizeof(meta->grad_));
+  }
+}
+
+}  // namespace fsam_fused::host
