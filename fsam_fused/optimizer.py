@@ -437,25 +437,28 @@ class FriendlySAM(torch.optim.Optimizer):
     ) -> tuple[bool, Tensor | None]:
         """The scan of an eager step that has plans; returns whether it saw a change.
 
-        Where the step has one plan, on the main device, whose backend offers ``first_pass`` (the
-        native CPU backend), no norm to reduce across processes and no loss scale, the whole first
-        pass runs in the scan's call: no Python between the scan and the kernels, so nothing can
-        re-point a parameter in between, and they are not read again. Then it also returns the
-        squared norm, and only :meth:`_finish_first_pass` is left.
+        Where the step has one plan, on the main device, whose backend offers ``first_pass`` there
+        (the native backend, on the CPU), no norm to reduce across processes and no loss scale,
+        the whole first pass runs in the scan's call: no Python between the scan and the kernels,
+        so nothing can re-point a parameter in between, and they are not read again. Then it also
+        returns the squared norm, and only :meth:`_finish_first_pass` is left.
         """
         planner = self._planner
         scan, plans = planner.scan, planner.plans
         assert scan is not None
-        first_pass = getattr(plans[0][0], "first_pass", None) if len(plans) == 1 else None
+        if len(plans) != 1:
+            return scan.scan(lists), None
+        backend, plan = plans[0]
+        first_pass = getattr(backend, "first_pass", None)
         if (
             first_pass is None
+            or plan.device.type not in backend.first_pass_device_types
             or grad_scaler is not None
             or planner.flat.norm_groups
             or self.replica_group is not None
-            or plans[0][1].device != self._main_device()
+            or plan.device != self._main_device()
         ):
             return scan.scan(lists), None
-        plan = plans[0][1]
         plan.attach(scan, planner.table(plan.device).refresh(rows), rows, adaptive, fisher, self.eps)
         if plain:
             plan.coef[:, RHO] = 0.0

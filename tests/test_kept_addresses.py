@@ -169,3 +169,22 @@ def test_under_a_dispatch_mode_an_unchanged_step_goes_through_the_dispatcher():
         _grads(params, gen)
         opt.second_step(zero_grad=True)
     assert {"fsam_fused.sq_norm", "fsam_fused.perturb_", "fsam_fused.restore_"} <= set(mode.seen), mode.seen
+
+
+def test_an_unchanged_one_plan_cpu_step_runs_its_first_pass_in_one_call(monkeypatch):
+    # The scan and both first-pass kernels in one native call (no Python between them); the
+    # separate sq_norm and perturb_ calls are for the other cases (a loss scale, several plans...).
+    native = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
+    params, opt, gen = _warm("native")
+    calls = []
+    first_pass = native.first_pass
+
+    def recorded_first_pass(*args):
+        calls.append(first_pass(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(native, "first_pass", recorded_first_pass)
+    for name in ("sq_norm", "perturb_"):
+        monkeypatch.setattr(native, name, lambda *a, name=name: pytest.fail(f"{name} was called on its own"))
+    opt.first_step(zero_grad=True)
+    assert [(changed, total is not None) for changed, total in calls] == [(False, True)]

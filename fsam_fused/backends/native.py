@@ -68,6 +68,10 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     )
 
 
+# Where first_pass can run the kernels itself (the kept CPU lists); elsewhere it would only scan.
+first_pass_device_types = {"cpu"}
+
+
 def first_pass(plan: DevicePlan, param_lists: list[list[Tensor]]) -> tuple[bool, Tensor | None]:
     """The scan (``plan.source``, a compiled scan) of ``param_lists`` and, if it saw no change,
     ``sq_norm`` and ``perturb_`` with the squared norm they found, in one call (see
