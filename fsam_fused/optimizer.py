@@ -437,10 +437,11 @@ class FriendlySAM(torch.optim.Optimizer):
     ) -> tuple[bool, Tensor | None]:
         """The scan of an eager step that has plans; returns whether it saw a change.
 
-        Where the step has one plan, on the main device, whose backend offers ``first_pass`` there
-        (the native backend, on the CPU), no norm to reduce across processes and no loss scale,
-        the whole first pass runs in the scan's call: no Python between the scan and the kernels,
-        so nothing can re-point a parameter in between, and they are not read again. Then it also
+        Where the step has one plan, on the main device, whose backend's ``first_pass`` is ready for
+        it (the native backend, on the CPU, with its kept lists), no norm to reduce across processes
+        and no loss scale, the whole first pass runs in the scan's call: no Python between the scan
+        and the kernels (unless a gradient's own code ran in the scan: see
+        ``ParamScan::python_may_have_run``), so the parameters need not be read again. Then it also
         returns the squared norm, and only :meth:`_finish_first_pass` is left.
         """
         planner = self._planner
@@ -449,21 +450,20 @@ class FriendlySAM(torch.optim.Optimizer):
         if len(plans) != 1:
             return scan.scan(lists), None
         backend, plan = plans[0]
-        first_pass = getattr(backend, "first_pass", None)
         if (
-            first_pass is None
-            or plan.device.type not in backend.first_pass_device_types
+            not hasattr(backend, "first_pass")
             or grad_scaler is not None
             or planner.flat.norm_groups
             or self.replica_group is not None
             or plan.device != self._main_device()
+            or not backend.first_pass_ready(plan, scan)
         ):
             return scan.scan(lists), None
         plan.attach(scan, planner.table(plan.device).refresh(rows), rows, adaptive, fisher, self.eps)
         if plain:
             plan.coef[:, RHO] = 0.0
         plan.inv_scale = None
-        changed, total = first_pass(plan, lists)
+        changed, total = backend.first_pass(plan, lists)
         if total is None:
             plan.release()
         return changed, total

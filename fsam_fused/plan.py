@@ -288,7 +288,11 @@ class StepPlanner:
         params, local_parts, group_of = checked_parameters(lists)
         self.state_edits = None  # until this succeeds
         if self.flat.update(params, local_parts, param_state, describe, process_group):
+            # New buffers: the plans of the last step hold the old ones, so the next step re-plans
+            # (a sync outside a step, by state_dict(), rebuilds when a parameter has another dtype
+            # for now; the next scan may see it back as it was).
             self.cache.clear()
+            self.scan = None
         self.state_edits = param_state.edits
         return params, local_parts, group_of
 

@@ -7,7 +7,8 @@ memory, unless someone else holds it). Other threads run wherever the step runs 
 ops (torch's ops release the GIL, and the interpreter switches threads every few milliseconds):
 
 - where the step's first pass is one call (one plan on the CPU: NativeLists.first_pass), the scan
-  runs inside that call, so such a thread runs before it (and the scan sees the change) or after;
+  runs inside that call, so such a thread runs before it (and the scan sees the change) or after,
+  unless Python runs inside the scan (a gradient subclass; tests/test_scan_interruptions.py);
 - where it is several calls (a loss scale, several plans, a norm summed across processes), Python
   runs between the scan and the ops: each op call compares every parameter, as it is when the
   call starts, with what was kept, and goes the fully checked way when one differs.
@@ -21,7 +22,6 @@ which compared only at the scan (found by review).
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
@@ -30,6 +30,7 @@ from fsam_fused import FriendlySAM
 from fsam_fused import distributed as fsam_distributed
 from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
+from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced
 
 native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
@@ -75,50 +76,20 @@ def _pause_in_step(path: str, monkeypatch: pytest.MonkeyPatch, pause) -> None:
 
 
 def _first_step_with_a_storage_replaced(backend: str, path: str, monkeypatch: pytest.MonkeyPatch):
-    """A first_step during which another thread runs ``p.data = p.data.clone()`` on params[0], at
-    the point of the step that ``path`` names. Returns params[0] after the step, the storage it held
-    before (kept alive here, so a stale write lands in it instead of freed memory) and that
-    storage's values before the step."""
+    """A first_step during which another thread re-points params[0], at the point of the step that
+    ``path`` names (see first_step_with_a_storage_replaced)."""
     params, opt = _warm(backend)
-    in_step, replaced = threading.Event(), threading.Event()
 
-    def pause() -> None:
-        in_step.set()
-        assert replaced.wait(timeout=60)
+    def install(pause):
+        _pause_in_step(path, monkeypatch, pause)
+        return monkeypatch.undo
 
-    _pause_in_step(path, monkeypatch, pause)
-    held = []
-
-    def other_thread() -> None:
-        assert in_step.wait(timeout=60)
-        held.append(params[0].data)
-        params[0].data = params[0].data.clone()
-        replaced.set()
-
-    thread = threading.Thread(target=other_thread)
-    before = params[0].detach().clone()
-    thread.start()
-    try:
-        opt.first_step(zero_grad=True)
-    finally:
-        replaced.set()  # (whatever happened, the step does not wait on)
-        thread.join()
-        monkeypatch.undo()
-    assert held, "the other thread did not run during the step"
-    return params[0].detach().clone(), held[0], before
+    return first_step_with_a_storage_replaced(params, opt, install)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_replaced_it(path):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        expected, _, _ = _first_step_with_a_storage_replaced("reference", path, monkeypatch)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        actual, former, former_before = _first_step_with_a_storage_replaced("native", path, monkeypatch)
-    # The storage the parameter no longer holds is not the optimizer's to write...
-    written = int((former != former_before).sum())
-    assert written == 0, f"perturb_ wrote {written} elements of a storage the parameter no longer holds"
-    # ... and the parameter is at its perturbed point, as with the reference backend.
-    torch.testing.assert_close(actual, expected)
+    check_against_reference(_first_step_with_a_storage_replaced, path)
 
 
 _FREED_DURING_FIRST_STEP = textwrap.dedent(

@@ -43,5 +43,6 @@ PYBIND11_MODULE(_C, m) {
       .def("sq_norm", &NativeLists::sq_norm)
       .def("perturb_", &NativeLists::perturb_)
       .def("restore_", &NativeLists::restore_)
+      .def("first_pass_ready", &NativeLists::first_pass_ready)
       .def("first_pass", &NativeLists::first_pass);
 }

@@ -225,19 +225,23 @@ void NativeLists::perturb_(
   bump_versions(backup_);
 }
 
+bool NativeLists::first_pass_ready(const ParamScan& scan) const {
+  return runs_flat() && kept_.has_value() && kept_at_.current(scan) && sq_norm_checked_.current(scan) &&
+      perturb_checked_.current(scan);
+}
+
 std::pair<bool, std::optional<at::Tensor>> NativeLists::first_pass(
     ParamScan& scan,
     const pybind11::list& param_lists,
     const at::Tensor& coef,
     double eps,
     const std::optional<at::Tensor>& inv_scale) const {
-  // Whether the kept lists serve if the scan sees no change (its generation then stays as now).
-  const bool flat = runs_flat() && kept_.has_value() && kept_at_.current(scan) && sq_norm_checked_.current(scan) &&
-      perturb_checked_.current(scan);
+  // (A scan that sees no change keeps its generation, so this holds after it as before.)
+  const bool flat = first_pass_ready(scan);
   if (scan.scan(param_lists, /*hold=*/!flat)) {
     return {true, std::nullopt};
   }
-  if (!flat) {
+  if (!flat || (scan.python_may_have_run() && !params_unchanged())) {
     return {false, std::nullopt};
   }
   const cpu::FlatLists& lists = with_grads(scan);

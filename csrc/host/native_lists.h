@@ -51,12 +51,18 @@ class NativeLists {
       const std::optional<at::Tensor>& inv_scale) const;
   void restore_() const;
 
+  // Whether first_pass would run the kernels if `scan` saw no change (the kept CPU lists serve).
+  bool first_pass_ready(const ParamScan& scan) const;
+
   // The first pass in one call, for a step with this one plan: the scan of `param_lists` (held by
-  // `scan`), then, if it saw no change and the kept lists serve, sq_norm and perturb_ on them with
-  // the squared norm they found. No Python runs in between, so the parameters are as the scan saw
-  // them: they are not read again, and the scan holds no gradient. Returns whether the scan saw a
-  // change, and the squared norm (fp32 0-dim) if the pass ran; with (false, nullopt) the scan
-  // holds this step's gradients and the caller calls sq_norm and perturb_ itself.
+  // `scan`), then, if it saw no change and first_pass_ready, sq_norm and perturb_ on the kept
+  // lists with the squared norm they found. Unless Python ran during the scan (a gradient
+  // subclass, a copy's dispatch: ParamScan::python_may_have_run), nothing ran in between, so the
+  // parameters are as the scan saw them and are not read again, and the scan holds no gradient
+  // (except its own copies); else they are compared with what was kept. Returns whether the scan
+  // saw a change (then the caller re-plans, with a new scan), and the squared norm (fp32 0-dim) if
+  // the pass ran; with (false, nullopt) the scan holds this step's gradients and the caller calls
+  // sq_norm and perturb_ itself.
   std::pair<bool, std::optional<at::Tensor>> first_pass(
       ParamScan& scan,
       const pybind11::list& param_lists,

@@ -58,7 +58,9 @@ bool ParamScan::same_members(const py::list& param_lists) const {
   return true;
 }
 
-bool ParamScan::observe(Entry& entry, bool hold, const void*& address) {
+bool ParamScan::observe(size_t i, bool& hold) {
+  Entry& entry = entries_[i];
+  const void*& address = grad_addresses_[i];
   const at::Tensor& p = THPVariable_Unpack(entry.object.ptr());
   bool changed = false;
   address = nullptr;
@@ -82,6 +84,9 @@ bool ParamScan::observe(Entry& entry, bool hold, const void*& address) {
     entry.grad = at::Tensor();
     return changed;
   }
+  if (g.unsafeGetTensorImpl()->is_python_dispatch()) {
+    before_python(i, hold);  // its layout, sizes or data may be the subclass's Python code
+  }
   if (g.layout() != entry.grad_layout) {
     changed = true;
     entry.grad_layout = g.layout();
@@ -102,6 +107,7 @@ bool ParamScan::observe(Entry& entry, bool hold, const void*& address) {
     entry.grad_relaid = g.numel() > 1 && !g.strides().equals(p.strides());
   }
   if (entry.grad_relaid) {
+    before_python(i, hold);  // the copy's dispatch may reach Python (a dispatch mode, a subclass)
     entry.grad = at::empty_like(p).copy_(g);
     address = entry.grad.data_ptr();
     return changed;
@@ -109,6 +115,20 @@ bool ParamScan::observe(Entry& entry, bool hold, const void*& address) {
   entry.grad = hold ? g : at::Tensor();
   address = g.data_ptr();
   return changed;
+}
+
+void ParamScan::before_python(size_t i, bool& hold) {
+  python_may_have_run_ = true;
+  if (hold) {
+    return;
+  }
+  for (size_t k = 0; k < i; ++k) {
+    Entry& entry = entries_[k];
+    if (entry.has_grad && !entry.grad.defined()) {
+      entry.grad = impl_of(entry.object.ptr())->grad();
+    }
+  }
+  hold = true;
 }
 
 void ParamScan::prefetch(size_t begin, size_t end) const {
@@ -134,14 +154,17 @@ void ParamScan::prefetch(size_t begin, size_t end) const {
 }
 
 bool ParamScan::scan(const py::list& param_lists, bool hold) {
-  bool changed = generation_ == 0 || !same_members(param_lists);
+  bool changed = !finished_ || generation_ == 0 || !same_members(param_lists);
+  finished_ = false;
+  python_may_have_run_ = false;
+  holds_grads_ = true;  // (until it is known: a scan that raises may have taken some)
   bool holds = false;
   grad_addresses_.resize(entries_.size());
   for (size_t begin = 0; begin < entries_.size(); begin += kPrefetchBlock) {
     const size_t end = std::min(entries_.size(), begin + kPrefetchBlock);
     prefetch(begin, end);
     for (size_t i = begin; i < end; ++i) {
-      changed |= observe(entries_[i], hold, grad_addresses_[i]);
+      changed |= observe(i, hold);
       holds |= entries_[i].grad.defined();
     }
   }
@@ -159,16 +182,8 @@ bool ParamScan::scan(const py::list& param_lists, bool hold) {
     changed |= data != w.data;
     w.data = data;
   }
-  if (changed && !hold) {
-    // The caller re-plans from grads(): hold them after all. (Nothing ran since they were read.)
-    for (Entry& entry : entries_) {
-      if (entry.has_grad && !entry.grad.defined()) {
-        entry.grad = impl_of(entry.object.ptr())->grad();
-        holds = true;
-      }
-    }
-  }
-  holds_grads_ = holds;
+  holds_grads_ = holds || python_may_have_run_;
+  finished_ = true;
   if (changed) {
     ++generation_;
   }

@@ -55,11 +55,20 @@ class ParamScan {
 
   // Reads every parameter's .grad; true when membership, a parameter, the set of gradients or
   // a gradient's layout differs from the previous call (always true on the first call).
-  // With `hold`, or when it returns true, the scan holds a reference to each gradient until
-  // release(), for grads(); without, and nothing changed, it keeps only their addresses
-  // (grad_addresses()), for a caller that uses them before it releases the GIL. (A gradient
-  // copied into its parameter's layout is held either way: the copy is the scan's own.)
+  // With `hold`, the scan holds a reference to each gradient until release(), for grads();
+  // without, it keeps only their addresses (grad_addresses()), for a caller that uses them
+  // before it releases the GIL, and that re-plans (with a new scan) when this returns true. (A
+  // gradient copied into its parameter's layout is held either way: the copy is the scan's own.)
+  // A scan that raised (a failed copy, a gradient's own code) counts as a change next time:
+  // the entries it updated before it raised were counted by no generation.
   bool scan(const pybind11::list& param_lists, bool hold = true);
+
+  // Whether Python may have run during the last scan (a gradient subclass's code, the dispatch
+  // of a gradient's copy), and with it other threads: the parameters read before then may have
+  // been re-pointed since. From that point on the scan held every gradient, `hold` or not.
+  bool python_may_have_run() const {
+    return python_may_have_run_;
+  }
 
   // Whether `t` is what the last scan saw at `position`: the same TensorImpl, data, dtype,
   // device, shape and strides.
@@ -116,9 +125,12 @@ class ParamScan {
 
   bool same_members(const pybind11::list& param_lists) const;
   void prefetch(size_t begin, size_t end) const;
-  // Records the parameter's and its gradient's state in `entry` and the gradient's address (or
-  // nullptr) in `address`; true if either differs from what was recorded before.
-  static bool observe(Entry& entry, bool hold, const void*& address);
+  // Records the state of the parameter at `i` and its gradient in its entry and the gradient's
+  // address (or nullptr) in grad_addresses_[i]; true if either differs from what was recorded.
+  bool observe(size_t i, bool& hold);
+  // Before anything that may run Python (python_may_have_run): unless `hold`, hold the gradients
+  // of the entries before `i`, read with no Python run since, and every later one (`hold`).
+  void before_python(size_t i, bool& hold);
 
   struct Watched {
     pybind11::object object;
@@ -130,6 +142,8 @@ class ParamScan {
   std::vector<Entry> entries_;
   std::vector<const void*> grad_addresses_;
   bool holds_grads_ = false;  // some entry's `grad` is defined (so release() has work)
+  bool finished_ = true;  // false while a scan runs, and after one that raised
+  bool python_may_have_run_ = false;
   uint64_t id_;
   uint64_t generation_ = 0;
 };

@@ -29,9 +29,11 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPES
 
 
-def _lists(plan: DevicePlan) -> _C.NativeLists | None:
-    """The plan's C++-side lists when this step's gradients are in the compiled scan, else None."""
-    if not isinstance(plan.source, _C.ParamScan) or torch.compiler.is_compiling():
+def _lists(plan: DevicePlan, source: object | None = None) -> _C.NativeLists | None:
+    """The plan's C++-side lists when this step's gradients are in the compiled scan (``source``,
+    by default the plan's), else None."""
+    source = plan.source if source is None else source
+    if not isinstance(source, _C.ParamScan) or torch.compiler.is_compiling():
         return None
     lists = plan.cache.get(name)
     if lists is None:
@@ -68,20 +70,22 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
     )
 
 
-# Where first_pass can run the kernels itself (the kept CPU lists); elsewhere it would only scan.
-first_pass_device_types = {"cpu"}
+def first_pass_ready(plan: DevicePlan, scan: object) -> bool:
+    """Whether :func:`first_pass` would run the kernels if ``scan`` sees no change (the kept CPU
+    lists serve), so the caller attaches the plan only then."""
+    lists = _lists(plan, scan)
+    return lists is not None and lists.first_pass_ready(scan)
 
 
 def first_pass(plan: DevicePlan, param_lists: list[list[Tensor]]) -> tuple[bool, Tensor | None]:
-    """The scan (``plan.source``, a compiled scan) of ``param_lists`` and, if it saw no change,
-    ``sq_norm`` and ``perturb_`` with the squared norm they found, in one call (see
-    ``NativeLists.first_pass``): for a step whose only plan this is, with no norm to reduce
-    across processes. Returns whether the scan saw a change, and the squared norm if the pass
-    ran; with ``(False, None)`` the caller runs ``sq_norm`` and ``perturb_`` itself."""
+    """The scan (``plan.source``) of ``param_lists`` and, if it saw no change, ``sq_norm`` and
+    ``perturb_`` with the squared norm they found, in one call (see ``NativeLists.first_pass``):
+    for a step whose only plan this is, with no norm to reduce across processes, after
+    :func:`first_pass_ready`. Returns whether the scan saw a change (then the caller re-plans), and
+    the squared norm if the pass ran; with ``(False, None)`` the caller runs ``sq_norm`` and
+    ``perturb_`` itself."""
     lists = _lists(plan)
-    if lists is None:
-        changed = plan.source.scan(param_lists)
-        return changed, None
+    assert lists is not None, "first_pass after first_pass_ready"
     return lists.first_pass(plan.source, param_lists, plan.coef, plan.eps, plan.inv_scale)
 
 
