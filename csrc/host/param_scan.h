@@ -41,6 +41,21 @@ struct Geometry {
   }
 };
 
+// Whether `t` is still the tensor recorded as (impl, data, dtype, device, geometry): the same
+// TensorImpl, data address, dtype, device, shape and strides. The one test of "unchanged" for a
+// parameter, whether the scan's entry or a kept list recorded it.
+inline bool same_tensor(
+    const at::Tensor& t,
+    const c10::TensorImpl* impl,
+    const void* data,
+    c10::ScalarType dtype,
+    c10::Device device,
+    const Geometry& geometry) {
+  const c10::TensorImpl* now = t.unsafeGetTensorImpl();
+  return now == impl && now->data() == data && t.scalar_type() == dtype && t.device() == device &&
+      geometry.matches(t);
+}
+
 // Most of a step's host time over many small tensors is waiting for memory: each parameter is a
 // chain of dependent loads (its Python object, TensorImpl, storage, autograd metadata, the
 // gradient's TensorImpl and storage), and one chain at a time leaves the core idle. Loops over
