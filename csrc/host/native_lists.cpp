@@ -363,8 +363,7 @@ bool NativeLists::params_unchanged() const {
 void NativeLists::bump_param_versions() const {
   // A bump is an atomic read-modify-write, which waits for its line and holds back the loads
   // after it: over many small parameters, unprefetched, each is a miss that overlaps with no
-  // other. So the counters kBumpAhead places ahead are asked for first. (Measured on a CPU step
-  // of 4,000 small tensors with cold caches: about a tenth of each pass's time.)
+  // other. So the counters kBumpAhead places ahead are asked for first.
   constexpr size_t kBumpAhead = 16;
   const size_t n = params_.size();
   const auto impl = [this](size_t i) { return THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl(); };

@@ -100,7 +100,8 @@ class NativeLists {
     std::vector<Geometry> geometry;
     std::vector<c10::VariableVersion> state_versions;
   };
-  // The device of the lists (the op checks that keep them check that every tensor is on it).
+  // The device of the lists: the backup's, which the optimizer allocates on its plan's device,
+  // the device of every parameter of the plan.
   c10::Device device_ = c10::Device(c10::kCPU);
   bool on_cpu_ = false;
   mutable std::optional<Kept> kept_;

@@ -39,7 +39,7 @@ inline void prefetch_grad_slot(const c10::TensorImpl* impl) {
 }
 
 // The version counter that a write to the tensor bumps (VariableVersion's one member is the
-// pointer to it; what it points to is 24 bytes: the refcounts and the version).
+// pointer to it; what it points to is 24 bytes: its vtable pointer, refcounts and the version).
 inline void prefetch_version_counter(const c10::TensorImpl* impl) {
   static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is no longer one pointer");
   const void* counter = *reinterpret_cast<const void* const*>(&impl->version_counter());

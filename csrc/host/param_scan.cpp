@@ -66,8 +66,9 @@ bool ParamScan::observe(size_t i, bool& hold) {
   address = nullptr;
   if (!same_tensor(p, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
     changed = true;
+    const void* data = p.unsafeGetTensorImpl()->data();  // (first: it throws for a tensor without storage)
     entry.impl = p.unsafeGetTensorImpl();
-    entry.data = entry.impl->data();
+    entry.data = data;
     entry.dtype = p.scalar_type();
     entry.device = p.device();
     entry.geometry.record(p);
