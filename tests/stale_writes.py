@@ -1,11 +1,52 @@
-"""Shared check of the tests where a parameter gets a new storage during a step (another thread,
-Python run inside the scan, a scan that raised): the native backend must not write the storage the
-parameter no longer holds, and must leave the parameters as the reference backend does."""
+"""Shared checks of the tests where what a step reads or writes is replaced or freed during it
+(by another thread, by Python run inside the scan, by a scan that raised): the native backend must
+not write a storage a parameter no longer holds, must leave the parameters as the reference backend
+does, and must not read or write memory freed meanwhile (run_in_own_process)."""
 
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+
+# What a script run by run_in_own_process starts with: ``pause()``, which a script puts in the
+# step, and ``while_another_thread(step, action)``, which runs ``step()`` while another thread,
+# once the step has paused, runs ``action()`` (frees what the step must no longer read or write).
+_THREAD_HARNESS = """
+import threading
+_paused, _released = threading.Event(), threading.Event()
+def pause():
+    _paused.set()
+    _released.wait(timeout=60)
+def while_another_thread(step, action):
+    def other():
+        assert _paused.wait(timeout=60)
+        action()
+        _released.set()
+    t = threading.Thread(target=other)
+    t.start()
+    step()
+    t.join()
+    assert _paused.is_set(), "the step did not pause"
+"""
+
+
+def run_in_own_process(script: str, path: str) -> None:
+    """Runs ``script`` (its ``PATH`` replaced by ``path``) after _THREAD_HARNESS in a process of its
+    own, from the repository root, and checks that it exits cleanly: where the script frees a large
+    block (64 MB: unmapped when freed), a stale read or write of it crashes that process."""
+    source = _THREAD_HARNESS + textwrap.dedent(script).replace("PATH", repr(path))
+    done = subprocess.run(
+        [sys.executable, "-c", source],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, f"the process exited with {done.returncode}: {done.stderr[-2000:]}"
 
 
 def check_against_reference(run, path: str) -> None:

@@ -19,10 +19,6 @@ between sq_norm and perturb_ on the other. On the several-call path both tests f
 which compared only at the scan (found by review).
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -30,7 +26,7 @@ from fsam_fused import FriendlySAM
 from fsam_fused import distributed as fsam_distributed
 from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
-from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced
+from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced, run_in_own_process
 
 native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
@@ -92,9 +88,8 @@ def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_r
     check_against_reference(_first_step_with_a_storage_replaced, path)
 
 
-_FREED_DURING_FIRST_STEP = textwrap.dedent(
-    """
-    import threading, torch
+_FREED_DURING_FIRST_STEP = """
+    import torch
     from fsam_fused import FriendlySAM
     from fsam_fused import distributed
     from fsam_fused.backends import native
@@ -109,10 +104,6 @@ _FREED_DURING_FIRST_STEP = textwrap.dedent(
         p.grad = torch.ones(n)
         opt.second_step(zero_grad=True)
     p.grad = torch.ones(n)
-    in_step, replaced = threading.Event(), threading.Event()
-    def pause():
-        in_step.set()
-        replaced.wait(timeout=60)
     if PATH == "one call":
         attach = DevicePlan.attach
         def attach_after_a_pause(self, *args, **kwargs):
@@ -126,22 +117,13 @@ _FREED_DURING_FIRST_STEP = textwrap.dedent(
             pause()
             return reduce(total, groups)
         distributed.all_reduce_sum_ = reduce_after_a_pause
-    def other_thread():
-        assert in_step.wait(timeout=60)
+    def replace():
         p.data = torch.zeros(n)  # the last owner of the former storage lets it go
-        replaced.set()
-    t = threading.Thread(target=other_thread)
-    t.start()
-    opt.first_step(zero_grad=True)
-    t.join()
-    assert in_step.is_set(), "the step did not pause"
+    while_another_thread(lambda: opt.first_step(zero_grad=True), replace)
     assert p.abs().sum() > 0, "the parameter was not perturbed"
-    """
-)
+"""
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_storage_freed_by_another_thread_during_first_step_is_not_written(path):
-    script = _FREED_DURING_FIRST_STEP.replace("PATH", repr(path))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"the process exited with {done.returncode}: {done.stderr[-2000:]}"
+    run_in_own_process(_FREED_DURING_FIRST_STEP, path)

@@ -15,11 +15,6 @@ taken while the parameters had another dtype leaves no plan on buffers optimizer
 shows. (Found by review of the one-call change; the tests failed on f8dcfe6, the last two before it.)
 """
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from fsam_fused.bench.step_bench import NoBaseStep
@@ -28,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fsam_fused import FriendlySAM
 from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
-from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced
+from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced, run_in_own_process
 
 native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
@@ -103,9 +98,8 @@ def test_first_step_perturbs_the_storage_a_parameter_holds_when_python_ran_insid
     check_against_reference(_step_re_pointed_inside_the_scan, path)
 
 
-_GRADIENT_FREED_INSIDE_THE_SCAN = textwrap.dedent(
-    """
-    import threading, torch
+_GRADIENT_FREED_INSIDE_THE_SCAN = """
+    import torch
     from fsam_fused import FriendlySAM
     from fsam_fused.backends import native
     from fsam_fused.bench.step_bench import NoBaseStep
@@ -125,37 +119,18 @@ _GRADIENT_FREED_INSIDE_THE_SCAN = textwrap.dedent(
     grads()
     if PATH == "several calls":
         del native.first_pass
-    in_scan, freed = threading.Event(), threading.Event()
-    def pause():
-        in_scan.set()
-        freed.wait(timeout=60)
-    def other_thread():
-        assert in_scan.wait(timeout=60)
-        params[0].grad = None  # the last owner of this step's gradient lets it go
-        freed.set()
     _ON_COPY.append(pause)
-    t = threading.Thread(target=other_thread)
-    t.start()
-    opt.first_step(zero_grad=True)
-    t.join()
-    assert in_scan.is_set(), "the scan did not pause"
-    """
-)
+    def free():
+        params[0].grad = None  # the last owner of this step's gradient lets it go
+    while_another_thread(lambda: opt.first_step(zero_grad=True), free)
+"""
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_gradient_freed_while_python_ran_inside_the_scan_is_not_read(path):
     # On the one-call path the scan holds no gradient (only their addresses): one that another thread
     # frees while the scan runs Python is then read by the kernels after it was unmapped.
-    script = _GRADIENT_FREED_INSIDE_THE_SCAN.replace("PATH", repr(path))
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert done.returncode == 0, f"the process exited with {done.returncode}: {done.stderr[-2000:]}"
+    run_in_own_process(_GRADIENT_FREED_INSIDE_THE_SCAN, path)
 
 
 def _first_step_whose_scan_raises(opt: FriendlySAM) -> None:
