@@ -30,7 +30,7 @@ from . import amp, backends, distributed
 from .base_step import BaseStep
 from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, Row, check_values, group_row
 from .param_state import ParamState
-from .plan import Plans, StepPlanner
+from .plan import DevicePlan, Plans, StepPlanner
 from .state import FlatState
 
 try:
@@ -410,14 +410,9 @@ class FriendlySAM(torch.optim.Optimizer):
         main = self._main_device()
         total = torch.zeros((), dtype=torch.float32, device=main)
         for index, (backend, plan) in enumerate(plans):
-            plan.attach(
-                source, planner.table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
-            )
-            if plain:
-                plan.coef[:, RHO] = 0.0  # this step's copy of the table: e = 0, the EMA as usual
+            self._attach(plan, source, rows, adaptive, fisher, plain, inv_scale)
             if traced_grads is not None:
                 plan.grads = traced_grads[index]
-            plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
             total = total + backend.sq_norm(plan).to(main)
         total = distributed.all_reduce_sum_(total, planner.flat.norm_groups)
         if self.replica_group is not None:
@@ -459,14 +454,29 @@ class FriendlySAM(torch.optim.Optimizer):
             or not backend.first_pass_ready(plan, scan)
         ):
             return scan.scan(lists), None
-        plan.attach(scan, planner.table(plan.device).refresh(rows), rows, adaptive, fisher, self.eps)
-        if plain:
-            plan.coef[:, RHO] = 0.0
-        plan.inv_scale = None
+        self._attach(plan, scan, rows, adaptive, fisher, plain, None)
         changed, total = backend.first_pass(plan, lists)
         if total is None:
             plan.release()
         return changed, total
+
+    def _attach(
+        self,
+        plan: DevicePlan,
+        source: Any,
+        rows: tuple[Row, ...] | None,
+        adaptive: list[bool],
+        fisher: list[bool],
+        plain: bool,
+        inv_scale: Tensor | None,
+    ) -> None:
+        """Hand ``plan`` this step's gradients (held by ``source``), coefficients and loss scale."""
+        plan.attach(
+            source, self._planner.table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
+        )
+        if plain:
+            plan.coef[:, RHO] = 0.0  # this step's copy of the table: e = 0, the EMA as usual
+        plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
 
     def _finish_first_pass(
         self, total: Tensor, plans: Plans, source: Any, grad_scaler: torch.amp.GradScaler | None
