@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# What a script run by run_in_own_process starts with: ``pause()``, which a script puts in the
-# step, and ``while_another_thread(step, action)``, which runs ``step()`` while another thread,
-# once the step has paused, runs ``action()`` (frees what the step must no longer read or write).
+# What a script run by run_in_own_process starts with: ``n``, the size of a tensor whose memory is
+# unmapped when freed; ``pause()``, which a script puts in the step; and
+# ``while_another_thread(step, action)``, which runs ``step()`` while another thread, once the step
+# has paused, runs ``action()`` (frees what the step must no longer read or write).
 _THREAD_HARNESS = """
 import threading
+import torch
+torch.set_num_threads(1)
+n = 16_000_000  # 64 MB: allocated with mmap, so a block of n floats is unmapped when freed
 _paused, _released = threading.Event(), threading.Event()
 def pause():
     _paused.set()

@@ -17,9 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsam_fused import FriendlySAM
 from tests.oracle import PlainSGD
-
-WARM_STEPS = 3  # the first step checks and keeps; the later ones run on what was kept
-
+from tests.warm_steps import random_grads, warm_up
 
 SHAPES = [(3, 4), (5,), (2, 2, 2), ()]
 # More parameters than the native loops over them work ahead (prefetch distances, blocks).
@@ -33,21 +31,11 @@ def _model(backend: str, base=PlainSGD, shapes=SHAPES) -> tuple[list[torch.nn.Pa
     return params, opt
 
 
-def _grads(params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-
-
 def _warm(backend: str, base=PlainSGD, shapes=SHAPES):
-    """A model after WARM_STEPS steps, with the next step's first-pass gradients in place."""
+    """A model after tests.warm_steps.WARM_STEPS steps, with the next step's first-pass gradients in place."""
     params, opt = _model(backend, base, shapes)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(WARM_STEPS):
-        _grads(params, gen)
-        opt.first_step(zero_grad=True)
-        _grads(params, gen)
-        opt.second_step(zero_grad=True)
-    _grads(params, gen)
+    warm_up(opt, lambda: random_grads(params, gen))
     return params, opt, gen
 
 
@@ -56,7 +44,7 @@ def _run(backend: str, edit) -> list[torch.Tensor]:
     params, opt, gen = _warm(backend)
     opt.first_step(zero_grad=True)
     params = edit(params)
-    _grads(params, gen)
+    random_grads(params, gen)
     opt.second_step(zero_grad=True)
     return [p.detach().clone() for p in params]
 
@@ -101,13 +89,13 @@ def _step_re_pointed_during_its_re_plan(
     opt._planner.replan = replan_then_re_point
     opt.first_step(zero_grad=True)
     opt._planner.replan = replan
-    _grads(params, gen)
+    random_grads(params, gen)
     opt.second_step(zero_grad=True)
     params[0].data = seen  # as the re-plan's scan saw it: the next scan sees no change
-    _grads(params, gen)
+    random_grads(params, gen)
     mid_before = mid.clone()
     opt.first_step(zero_grad=True)
-    _grads(params, gen)
+    random_grads(params, gen)
     opt.second_step(zero_grad=True)
     return [p.detach().clone() for p in params], mid, mid_before
 
@@ -137,7 +125,7 @@ def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase, sha
     params, opt, gen = _warm(backend, NoBaseStep, shapes)  # (a base step would bump the versions itself)
     if phase == "second_step":
         opt.first_step(zero_grad=True)
-        _grads(params, gen)
+        random_grads(params, gen)
     versions = [p._version for p in params]
     with torch.enable_grad():
         saved = sum((p * p).sum() for p in params)  # saves every parameter for its backward
@@ -151,7 +139,7 @@ def test_an_unchanged_step_shows_its_ops_in_the_profiler():
     params, opt, gen = _warm("native")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.first_step(zero_grad=True)
-        _grads(params, gen)
+        random_grads(params, gen)
         opt.second_step(zero_grad=True)
     names = {event.name for event in prof.events()}
     assert {"fsam_fused::sq_norm", "fsam_fused::perturb_", "fsam_fused::restore_"} <= names, sorted(names)
@@ -171,7 +159,7 @@ def test_under_a_dispatch_mode_an_unchanged_step_goes_through_the_dispatcher():
     params, opt, gen = _warm("native")
     with _Seen() as mode:
         opt.first_step(zero_grad=True)
-        _grads(params, gen)
+        random_grads(params, gen)
         opt.second_step(zero_grad=True)
     assert {"fsam_fused.sq_norm", "fsam_fused.perturb_", "fsam_fused.restore_"} <= set(mode.seen), mode.seen
 

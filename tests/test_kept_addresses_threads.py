@@ -27,10 +27,10 @@ from fsam_fused import distributed as fsam_distributed
 from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
 from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced, run_in_own_process
+from tests.warm_steps import random_grads, warm_up
 
 native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
-WARM_STEPS = 3  # the first step checks and keeps the addresses; the later ones run on them
 PATHS = ["one call", "several calls"]
 
 
@@ -38,13 +38,7 @@ def _warm(backend: str):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(300,), (3, 4), ()]]
     opt = FriendlySAM(params, PlainSGD, lr=0.05, rho=0.5, sigma=1.0, lmbda=0.6, backend=backend)
-    for _ in range(WARM_STEPS):
-        for half in (opt.first_step, opt.second_step):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            half(zero_grad=True)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    warm_up(opt, lambda: random_grads(params, gen))
     return params, opt
 
 
@@ -89,13 +83,10 @@ def test_first_step_perturbs_the_storage_a_parameter_holds_when_another_thread_r
 
 
 _FREED_DURING_FIRST_STEP = """
-    import torch
     from fsam_fused import FriendlySAM
     from fsam_fused import distributed
     from fsam_fused.backends import native
     from fsam_fused.plan import DevicePlan
-    torch.set_num_threads(1)
-    n = 16_000_000  # 64 MB: allocated with mmap, so a freed storage is unmapped
     p = torch.nn.Parameter(torch.zeros(n))
     opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, sigma=0.0, backend="native")  # (e != 0 for these g)
     for _ in range(2):  # the second step runs on kept addresses

@@ -24,10 +24,10 @@ from fsam_fused import FriendlySAM
 from fsam_fused.plan import DevicePlan
 from tests.oracle import PlainSGD
 from tests.stale_writes import check_against_reference, first_step_with_a_storage_replaced, run_in_own_process
+from tests.warm_steps import random_grads, warm_up
 
 native_backend = pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
-WARM_STEPS = 3
 PATHS = ["one call", "several calls"]
 
 _ON_COPY = []  # what a test runs inside the scan's copy of a _RelaidGradient (first item), if anything
@@ -61,17 +61,13 @@ def _grads(params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
 
 
 def _warm(backend: str):
-    """Two parameters (params[1]'s gradient is a _RelaidGradient) after WARM_STEPS steps, with the
-    next step's first-pass gradients in place. (The base optimizer does nothing, so it reads no
-    gradient.)"""
+    """Two parameters (params[1]'s gradient is a _RelaidGradient) after WARM_STEPS steps
+    (tests.warm_steps), with the next step's first-pass gradients in place. (The base optimizer
+    does nothing, so it reads no gradient.)"""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(5,), (3, 4)]]
     opt = FriendlySAM(params, NoBaseStep, rho=0.5, sigma=1.0, lmbda=0.6, backend=backend)
-    for _ in range(WARM_STEPS):
-        for half in (opt.first_step, opt.second_step):
-            _grads(params, gen)
-            half(zero_grad=True)
-    _grads(params, gen)
+    warm_up(opt, lambda: _grads(params, gen))
     return params, opt, gen
 
 
@@ -99,13 +95,10 @@ def test_first_step_perturbs_the_storage_a_parameter_holds_when_python_ran_insid
 
 
 _GRADIENT_FREED_INSIDE_THE_SCAN = """
-    import torch
     from fsam_fused import FriendlySAM
     from fsam_fused.backends import native
     from fsam_fused.bench.step_bench import NoBaseStep
     from tests.test_scan_interruptions import _ON_COPY, _RelaidGradient
-    torch.set_num_threads(1)
-    n = 16_000_000  # 64 MB: allocated with mmap, so a freed gradient is unmapped
     params = [torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(3, 4))]
     opt = FriendlySAM(params, NoBaseStep, rho=0.05, backend="native")
     def grads():
@@ -189,13 +182,7 @@ def test_a_step_outside_the_one_call_path_attaches_its_plan_once(case, monkeypat
     kind = _OwnParameter if case == "parameter subclass" else torch.nn.Parameter
     params = [kind(torch.randn(shape, generator=gen)) for shape in [(5,), (3, 4)]]
     opt = FriendlySAM(params, NoBaseStep, rho=0.5, backend="native")
-    for _ in range(WARM_STEPS):
-        for half in (opt.first_step, opt.second_step):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            half(zero_grad=True)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    warm_up(opt, lambda: random_grads(params, gen))
     attach, calls = DevicePlan.attach, []
 
     def counted_attach(self, *args, **kwargs):
@@ -247,10 +234,7 @@ def test_a_parameter_that_gets_a_gradient_takes_part_after_a_scan_that_raised(ba
         params[0].grad = torch.randn(5, generator=gen) if with_first else None
         params[1].grad = _RelaidGradient(torch.randn(4, 3, generator=gen).t())
 
-    for _ in range(WARM_STEPS):  # params[0] frozen: no gradient
-        for half in (opt.first_step, opt.second_step):
-            grads(with_first=False)
-            half(zero_grad=True)
+    warm_up(opt, lambda: grads(with_first=False))  # params[0] frozen: no gradient
     grads(with_first=True)  # params[0] starts training; the scan that reads it raises after it
     _first_step_whose_scan_raises(opt)
     before = params[0].detach().clone()
