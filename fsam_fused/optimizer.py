@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import amp, backends, distributed
+from . import amp, backends, distributed, step_flags
 from .base_step import BaseStep
-from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, RHO, Row, check_values, group_row
+from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, Row, check_values, group_row
 from .param_state import ParamState
 from .plan import DevicePlan, Plans, StepPlanner
 from .state import FlatState
@@ -471,11 +471,8 @@ class FriendlySAM(torch.optim.Optimizer):
         inv_scale: Tensor | None,
     ) -> None:
         """Hand ``plan`` this step's gradients (held by ``source``), coefficients and loss scale."""
-        plan.attach(
-            source, self._planner.table(plan.device).refresh(rows), rows or (), adaptive, fisher, self.eps
-        )
-        if plain:
-            plan.coef[:, RHO] = 0.0  # this step's copy of the table: e = 0, the EMA as usual
+        table = self._planner.table(plan.device).refresh(rows)
+        plan.attach(source, table, rows or (), adaptive, fisher, self.eps, plain=plain)
         plan.inv_scale = inv_scale.to(plan.device) if inv_scale is not None else None
 
     def _finish_first_pass(
@@ -483,13 +480,13 @@ class FriendlySAM(torch.optim.Optimizer):
     ) -> None:
         """After the first pass's kernels (``total``: the squared norm they used): the seeded flags,
         the gradients released, and what second_step needs."""
-        step_ok = torch.isfinite(total)
+        step_ok, found_inf = step_flags.finite_flags(total)
         for _, plan in plans:
-            plan.mark_seeded(step_ok.to(device=plan.device, dtype=torch.float32))
+            plan.mark_seeded(step_ok)
             plan.release()
         if source is not None:
             source.release()
-        self._pending.start((~step_ok).float(), plans, momentum_saved=grad_scaler is not None)
+        self._pending.start(found_inf, plans, momentum_saved=grad_scaler is not None)
 
     def _complete(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
         """The second half of a step: restore the parameters, then the base optimizer's step."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, distributed
+from . import backends, distributed, step_flags
 from .hparams import ADAPTIVE, ADAPTIVE_ETA, COEF_COLUMNS, FISHER_ETA, LMBDA, RHO, SIGMA, GroupTable, Row
 from .scan import Scan, make_scan
 from .state import DeviceState, FlatState, checked_parameters, layout_of
@@ -131,20 +131,20 @@ class DevicePlan:
         group_adaptive: Sequence[bool],
         group_fisher: Sequence[bool],
         eps: float,
+        *,
+        plain: bool = False,
     ) -> None:
-        """Hand the plan this step's gradients (held by ``source``) and coefficients (no host sync)."""
+        """Hand the plan this step's gradients (held by ``source``) and coefficients (no host sync);
+        a ``plain`` step's coefficients have ``rho`` 0 (no perturbation, the EMA as usual)."""
         self.source, self.grads = source, None
         self.group_rows, self.eps = group_rows, eps
         self.group_adaptive, self.group_fisher = group_adaptive, group_fisher
+        seeded = self.state.seeded
         if torch.compiler.is_compiling():
-            coef = group_table.index_select(0, self.group_of)
-            coef[:, LMBDA] *= self.state.seeded.index_select(0, self.slots)
-            self.coef = coef
+            self.coef = step_flags.traced_coef(group_table, self.group_of, seeded, self.slots, plain=plain)
             return
-        coef, seeded = self._step_buffers()
-        torch.index_select(group_table, 0, self.group_of, out=coef)
-        torch.index_select(self.state.seeded, 0, self.slots, out=seeded)
-        coef.select(1, LMBDA).mul_(seeded)
+        coef, selected = self._step_buffers()
+        step_flags.gather_coef(coef, group_table, self.group_of, seeded, self.slots, selected, plain=plain)
         self.coef = coef
 
     def _step_buffers(self) -> tuple[Tensor, Tensor]:
@@ -167,15 +167,12 @@ class DevicePlan:
         self.source, self.grads = None, None
 
     def mark_seeded(self, step_ok: Tensor) -> None:
-        """Record on the device that a finite step seeded the momentum of the plan's tensors."""
-        seeded = self.state.seeded
-        if torch.compiler.is_compiling():
-            seeded.index_copy_(0, self.slots, torch.maximum(seeded.index_select(0, self.slots), step_ok))
-            return
-        selected = self._step_buffers()[1]
-        torch.index_select(seeded, 0, self.slots, out=selected)
-        torch.maximum(selected, step_ok, out=selected)
-        seeded.index_copy_(0, self.slots, selected)
+        """Record on the device that a finite step seeded the momentum of the plan's tensors
+        (``step_ok``: fp32 0-dim, 1 for a finite step, on any device)."""
+        if step_ok.device != self.device:
+            step_ok = step_ok.to(self.device)
+        selected = None if torch.compiler.is_compiling() else self._step_buffers()[1]
+        step_flags.mark_seeded(self.state.seeded, self.slots, step_ok, selected)
 
 
 def build_plan(

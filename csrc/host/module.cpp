@@ -6,6 +6,7 @@
 
 #include "native_lists.h"
 #include "param_scan.h"
+#include "step_flags.h"
 
 #ifndef FSAM_FUSED_CUDA_ARCHS
 #define FSAM_FUSED_CUDA_ARCHS ""
@@ -45,4 +46,18 @@ PYBIND11_MODULE(_C, m) {
       .def("restore_", &NativeLists::restore_)
       .def("first_pass_ready", &NativeLists::first_pass_ready)
       .def("first_pass", &NativeLists::first_pass);
+
+  // A CPU plan's coefficient table and seeded flags by plain loops (fsam_fused/step_flags.py).
+  m.def(
+      "gather_coef",
+      &fsam_fused::host::gather_coef,
+      py::arg("coef"),
+      py::arg("table"),
+      py::arg("group_of"),
+      py::arg("seeded"),
+      py::arg("slots"),
+      py::arg("lmbda_column"),
+      py::arg("zero_column") = py::none());
+  m.def("finite_flags", &fsam_fused::host::finite_flags, py::arg("total"));
+  m.def("mark_seeded", &fsam_fused::host::mark_seeded, py::arg("seeded"), py::arg("slots"), py::arg("step_ok"));
 }

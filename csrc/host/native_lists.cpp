@@ -2,7 +2,6 @@
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -11,6 +10,7 @@
 #include "../fsam_math.h"
 #include "../tensor_lists.h"
 #include "object_prefetch.h"
+#include "step_flags.h"
 
 #include <algorithm>
 #include <utility>
@@ -175,9 +175,7 @@ at::Tensor NativeLists::sq_norm(
     // only then must they still be what was kept.
     if (!any_adaptive(coef) || params_unchanged()) {
       const double sum = cpu::sq_norm_flat(with_grads(scan), coef.data_ptr<float>(), unscale_of(inv_scale));
-      at::Tensor out = at::empty({}, coef.options());
-      out.fill_(static_cast<float>(sum));
-      return out;
+      return cpu_scalar(static_cast<float>(sum));
     }
   }
   const bool unchanged = checked && params_unchanged();
@@ -262,9 +260,7 @@ std::pair<bool, std::optional<at::Tensor>> NativeLists::first_pass(
     bump_param_versions();
     bump(kept_->state_versions);
   }
-  at::Tensor out = at::empty({}, coef.options());
-  out.fill_(total);
-  return {false, out};
+  return {false, cpu_scalar(total)};
 }
 
 void NativeLists::restore_() const {
