@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import amp, backends, distributed, step_flags
 from .base_step import BaseStep
-from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, Row, check_values, group_row
+from .hparams import ADAPTIVE, FISHER_ETA, GROUP_KEYS, CheckedRows, Row, check_values
 from .param_state import ParamState
 from .plan import DevicePlan, Plans, StepPlanner
 from .state import FlatState
@@ -255,9 +255,7 @@ class FriendlySAM(torch.optim.Optimizer):
         return self._groups_ref.groups[0]["params"][0].device
 
     def _group_rows(self) -> tuple[Row, ...]:
-        return tuple(
-            group_row(i, g, with_momentum=self._uses_momentum) for i, g in enumerate(self.param_groups)
-        )
+        return self._checked_rows.rows(self.param_groups)
 
     def _describe(self, p: Tensor) -> str:
         for g, group in enumerate(self.param_groups):
@@ -271,6 +269,7 @@ class FriendlySAM(torch.optim.Optimizer):
         """Forget flat buffers, plans and tables; the next step rebuilds them, carrying the
         momentum over from ``self.state`` (whose entries still hold it)."""
         self._planner = StepPlanner(FlatState(with_momentum=self._uses_momentum), self._group_rows)
+        self._checked_rows = CheckedRows(with_momentum=self._uses_momentum)
         previous = self.__dict__.get("_pending")
         self._pending = _PendingStep(steps_taken=previous.steps_taken if previous is not None else 0)
         if isinstance(self.state, ParamState):
@@ -446,7 +445,8 @@ class FriendlySAM(torch.optim.Optimizer):
             return scan.scan(lists), None
         backend, plan = plans[0]
         if (
-            not hasattr(backend, "first_pass")
+            len(rows) < plan.table_rows  # a group removed: attach would gather rows that are gone
+            or not hasattr(backend, "first_pass")
             or grad_scaler is not None
             or planner.flat.norm_groups
             or self.replica_group is not None

@@ -70,6 +70,7 @@ class DevicePlan:
         optimizer's attach and release, i.e. inside ``first_step``).
       positions: each tensor's index in the optimizer's parameter order (the scan's order).
       slot_list, group_list: host copies of ``slots`` and ``group_of``.
+      table_rows: how many rows a group table needs for this plan (one past its largest group index).
       coef: fp32 ``[n, COEF_COLUMNS]`` device tensor (see module docstring), refreshed every step
         (in eager mode the plan's own buffer, rewritten by the next step).
       group_positions: ``(group_index, positions in this plan)`` pairs, for backends that work per group.
@@ -94,6 +95,7 @@ class DevicePlan:
     group_positions: list[tuple[int, list[int]]]
     slot_list: list[int]
     group_list: list[int]
+    table_rows: int = 0
     coef: Tensor | None = None
     group_rows: Sequence[Row] = ()
     group_adaptive: Sequence[bool] = ()
@@ -205,6 +207,7 @@ def build_plan(
         group_positions=sorted(by_group.items()),
         slot_list=slots,
         group_list=group_of,
+        table_rows=max(group_of, default=-1) + 1,
         cache=cache,
     )
 

@@ -60,6 +60,7 @@ CHANGES: dict[str, Callable[[FriendlySAM, list], dict | None]] = {
         opt.param_groups[0]["params"].pop()
     ),
     "group_added": lambda opt, params: _new_group(opt, params),
+    "group_removed": lambda opt, params: opt.param_groups.pop() and None,
 }
 
 
