@@ -11,9 +11,10 @@ Each is a few tensor ops, and that is what runs on every device other than the C
 ``torch.compile``. On the CPU, with the extension built, plain loops (``csrc/host/step_flags.cpp``)
 do the same work: there a dispatch costs more than the work itself (tens of microseconds each
 once a forward and backward pass has evicted its code, about a millisecond a step for the dozen
-ops here). The loops decline, and the ops run, under a Python dispatch mode (a tracer,
-FakeTensorMode) or for a tensor that is not a plain contiguous CPU tensor. Both give the same
-values (tests/test_step_flags.py; the coefficients bit for bit).
+ops here). The loops decline, and the ops run, under a Python dispatch or torch-function mode
+(a tracer, FakeTensorMode, a logging mode), under ``torch.jit.trace``, or for a tensor that is
+not plain contiguous CPU memory (a subclass, a functional or vmap wrapper, a negated view).
+Both give the same values (tests/test_step_flags.py; the coefficients bit for bit).
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ except ImportError:
 
 
 def _loops_may_run(t: Tensor) -> bool:
-    return _extension is not None and t.device.type == "cpu" and not torch.compiler.is_compiling()
+    # (Whoever watches the ops must see them: torch.compile, torch.jit.trace, a TorchFunctionMode.
+    # A dispatch mode, and tensors the loops cannot read, the extension itself declines.)
+    return (
+        _extension is not None
+        and t.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def gather_coef(

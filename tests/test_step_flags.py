@@ -10,10 +10,11 @@ import torch
 from fsam_fused.bench.step_bench import NoBaseStep
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsam_fused import FriendlySAM, step_flags
-from fsam_fused.hparams import COEF_COLUMNS
+from fsam_fused.hparams import COEF_COLUMNS, LMBDA, RHO
 
 pytest.importorskip("fsam_fused.backends.native", reason="the native extension is not built")
 
@@ -47,6 +48,18 @@ def _gather(table, group_of, seeded, slots, plain: bool) -> torch.Tensor:
     return coef
 
 
+def _expected_coef(table, group_of, seeded, slots, plain: bool) -> torch.Tensor:
+    """The table's rows, row by row, as plan.py's docstring defines them."""
+    rows = []
+    for g, s in zip(group_of.tolist(), slots.tolist(), strict=True):
+        row = table[g].clone()
+        row[LMBDA] = row[LMBDA] * seeded[s]
+        if plain:
+            row[RHO] = 0.0
+        rows.append(row)
+    return torch.stack(rows) if rows else torch.empty(0, COEF_COLUMNS)
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
@@ -69,6 +82,7 @@ def test_gather_coef_loops_match_the_ops(seed, n, groups, extra_flags, plain):
     finally:
         step_flags._extension = saved
     assert _same_bits(loops, ops)
+    assert _same_bits(loops, _expected_coef(table, group_of, seeded, slots, plain))
 
 
 @settings(max_examples=40, deadline=None)
@@ -153,11 +167,35 @@ def test_under_a_dispatch_mode_the_ops_run():
         "finite_flags": lambda: step_flags.finite_flags(total),
         "mark_seeded": lambda: step_flags.mark_seeded(seeded, slots, step_ok, selected),
     }
+    expected_seeded = torch.maximum(seeded, step_ok)
+    results = {}
     for name, call in calls.items():
         with _Recorder() as mode:
-            call()
+            results[name] = call()
         assert mode.ops, f"{name} dispatched nothing under a dispatch mode"
     assert _same_bits(coef, expected)
+    assert [float(f) for f in results["finite_flags"]] == [1.0, 0.0]
+    assert _same_bits(seeded, expected_seeded)
+
+
+def test_under_a_torch_function_mode_the_ops_run():
+    table, group_of, seeded, slots = _inputs(0, 10, 2, 12)
+    seen = []
+
+    class Logging(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    coef, selected, step_ok = torch.empty(10, COEF_COLUMNS), torch.empty(10), torch.tensor(1.0)
+    with Logging():
+        step_flags.gather_coef(coef, table, group_of, seeded, slots, selected, plain=False)
+    assert torch.index_select in seen
+    assert _same_bits(coef, _expected_coef(table, group_of, seeded, slots, plain=False))
+    seen.clear()
+    with Logging():
+        step_flags.mark_seeded(seeded, slots, step_ok, selected)
+    assert torch.maximum in seen
 
 
 def test_tensors_the_loops_cannot_read_as_plain_memory_go_to_the_ops():
@@ -166,6 +204,18 @@ def test_tensors_the_loops_cannot_read_as_plain_memory_go_to_the_ops():
     strided_table = torch.empty(2, 2 * COEF_COLUMNS)[:, ::2]
     strided_table.copy_(table)
     assert _same_bits(_gather(strided_table, group_of, seeded, slots, plain=False), expected)
+    # A view with a pending negation: it reads as the flags, its memory holds their negatives.
+    negated = (-seeded)._neg_view()
+    assert negated.is_neg()
+    step_flags.mark_seeded(negated, slots, torch.tensor(1.0), torch.empty(10))
+    marked = seeded.clone()
+    marked[slots] = torch.maximum(seeded[slots], torch.tensor(1.0))
+    torch.testing.assert_close(negated.resolve_neg(), marked, rtol=0, atol=0, equal_nan=True)
+    # Wrappers over other tensors: functionalization, vmap.
+    functional = torch.func.functionalize(lambda s: _gather(table, group_of, s, slots, plain=False))
+    assert _same_bits(functional(seeded), expected)
+    batched = torch.vmap(lambda t: step_flags.finite_flags(t)[1])(torch.tensor([1.0, float("inf")]))
+    assert batched.tolist() == [0.0, 1.0]
     # Flags of another dtype: read as fp32 memory they would be garbage; the ops refuse them.
     double_seeded = seeded.double()
     coef = torch.empty(10, COEF_COLUMNS)

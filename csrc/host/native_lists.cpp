@@ -10,7 +10,7 @@
 #include "../fsam_math.h"
 #include "../tensor_lists.h"
 #include "object_prefetch.h"
-#include "step_flags.h"
+#include "cpu_scalar.h"
 
 #include <algorithm>
 #include <utility>

@@ -1,6 +1,7 @@
 #include "step_flags.h"
 
-#include <ATen/EmptyTensor.h>
+#include "cpu_scalar.h"
+
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 
@@ -12,11 +13,30 @@ namespace fsam_fused::host {
 
 namespace {
 
-// A contiguous CPU tensor of `dtype` with `dims` dimensions that no Python code stands behind
-// (a subclass, a dispatch mode): its memory is what the ops would read and write.
+// A contiguous CPU tensor of `dtype` with `dims` dimensions whose memory is what the ops would read
+// and write: no Python behind it (a subclass), no wrapper over another tensor (functionalization,
+// vmap), no pending negation or conjugation, no zero tensor without memory.
 bool plain_cpu(const at::Tensor& t, c10::ScalarType dtype, int64_t dims) {
-  return t.defined() && t.device().is_cpu() && t.layout() == c10::kStrided && t.scalar_type() == dtype &&
-      t.dim() == dims && t.is_contiguous() && !t.unsafeGetTensorImpl()->is_python_dispatch();
+  if (!t.defined()) {
+    return false;
+  }
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  // First, so that nothing below calls into a subclass.
+  static const c10::DispatchKeySet not_memory({
+      c10::DispatchKey::Python,
+      c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::Functionalize,
+      c10::DispatchKey::FuncTorchBatched,
+      c10::DispatchKey::FuncTorchGradWrapper,
+      c10::DispatchKey::Negative,
+      c10::DispatchKey::Conjugate,
+      c10::DispatchKey::ZeroTensor,
+  });
+  if (impl->key_set().has_any(not_memory) || !impl->has_storage()) {
+    return false;
+  }
+  return t.device().is_cpu() && t.layout() == c10::kStrided && t.scalar_type() == dtype && t.dim() == dims &&
+      t.is_contiguous();
 }
 
 bool loops_allowed() {
@@ -43,11 +63,6 @@ void check_indexes(const char* op, const int64_t* index, int64_t n, int64_t boun
 
 }  // namespace
 
-at::Tensor cpu_scalar(float value) {
-  at::Tensor out(at::detail::empty_cpu({}, c10::ScalarType::Float));
-  *out.data_ptr<float>() = value;
-  return out;
-}
 
 bool gather_coef(
     const at::Tensor& coef,
@@ -68,7 +83,8 @@ bool gather_coef(
   const int64_t flags = seeded.size(0);
   TORCH_CHECK(
       table.size(1) == columns && group_of.size(0) == n && slots.size(0) == n,
-      "gather_coef: coef [n, C], table [groups, C], group_of [n] and slots [n] must agree");
+      "gather_coef: coef [n, C], table [groups, C], group_of [n] and slots [n] must agree; got coef ",
+      coef.sizes(), ", table ", table.sizes(), ", group_of ", group_of.sizes(), ", slots ", slots.sizes());
   TORCH_CHECK(lmbda_column >= 0 && lmbda_column < columns, "gather_coef: lmbda_column out of range");
   TORCH_CHECK(
       !zero_column.has_value() || (*zero_column >= 0 && *zero_column < columns),

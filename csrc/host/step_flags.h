@@ -6,8 +6,9 @@
 // tensors.
 //
 // Each function returns false, having done nothing, where its loops may not stand in for the ops:
-// a tensor that is not a plain CPU tensor, or a Python dispatch mode (a tracer, FakeTensorMode)
-// that must see the ops. The caller then runs the ops.
+// a tensor that is not plain CPU memory (a subclass, a functional or batched wrapper, a view with
+// a pending negation or conjugation), or a Python dispatch mode (a tracer, FakeTensorMode) that
+// must see the ops. The caller then runs the ops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,9 +33,6 @@ bool gather_coef(
 // (step_ok, found_inf), 1 and 0 for a finite total, 0 and 1 otherwise; nullopt where the loops
 // may not run.
 std::optional<std::pair<at::Tensor, at::Tensor>> finite_flags(const at::Tensor& total);
-
-// A new 0-d fp32 CPU tensor holding `value`, made without the dispatcher.
-at::Tensor cpu_scalar(float value);
 
 // seeded[slots[i]] = max(seeded[slots[i]], step_ok) (step_ok: a 0-d fp32 flag on the CPU).
 bool mark_seeded(const at::Tensor& seeded, const at::Tensor& slots, const at::Tensor& step_ok);
