@@ -67,6 +67,40 @@ def test_compiled_steps_match_eager(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_compiled_first_step_leaves_the_gradients_alone(backend):
+    params, opt = _setup(backend)
+    _step(params, opt.first_step, opt.second_step, seed=0)
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    given = _grads(params, 2)
+    for p, g in zip(params, given):
+        p.grad = g.clone()
+    first()
+    for p, g in zip(params, given):
+        assert torch.equal(p.grad, g)
+    opt.second_step()
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_compiled_plain_steps_match_eager(backend):
+    """A plain step's base optimizer steps on the same gradient the first pass read."""
+    params, opt = _setup(backend)
+    eager_params, eager = _setup(backend)
+    for ps, o in ((params, opt), (eager_params, eager)):
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        o.plain_step()
+    plain = torch.compile(opt.plain_step, backend="aot_eager")
+    for seed in range(1, 4):
+        for ps, step in ((params, plain), (eager_params, eager.plain_step)):
+            for p, g in zip(ps, _grads(ps, seed)):
+                p.grad = g
+            step()
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["momentum"], eager.state[q]["momentum"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_a_schedule_of_every_group_value_is_one_graph(backend):
     import torch._dynamo.testing
 

@@ -77,7 +77,9 @@ def _fisher(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
     view of the buffer made for the first time cannot be traced)."""
     grads = _pick(plan.grad_list(), positions)
     if torch.compiler.is_compiling():
-        f = [g.float() for g in grads]
+        # A copy: .float() of an fp32 gradient is the gradient itself, which the in-place ops below
+        # would square (the base step, or a plain step's, then read it).
+        f = [g.to(torch.float32, copy=True) for g in grads]
     else:
         f = _pick(_views(plan, 1)[1], positions)
         torch._foreach_copy_(f, grads)
