@@ -498,7 +498,7 @@ class FriendlySAM(torch.optim.Optimizer):
             for device, state in self._planner.flat.devices.items():
                 state.rollback_momentum(found_inf.to(device))
         self._base_step(found_inf, self._planner, self._pending.plans)
-        self._skipped += found_inf.to(self._skipped.device)
+        step_flags.count_skipped(self._skipped, found_inf)
         self._pending.finish()
         # LR schedulers attached to this optimizer check this flag to confirm that a step
         # ran before theirs; a step completes here.

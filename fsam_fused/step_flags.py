@@ -5,7 +5,8 @@
   the table) and, for a plain step, ``rho`` set to 0;
 - :func:`finite_flags`: whether the step's squared norm is finite (``step_ok``) and its
   complement (``found_inf``), as fp32 flags on the device, never read by the host;
-- :func:`mark_seeded`: a finite step seeds the momentum of the plan's tensors.
+- :func:`mark_seeded`: a finite step seeds the momentum of the plan's tensors;
+- :func:`count_skipped`: the optimizer's count of skipped (non-finite) steps.
 
 Each is a few tensor ops, and that is what runs on every device other than the CPU and inside
 ``torch.compile``. On the CPU, with the extension built, plain loops (``csrc/host/step_flags.cpp``)
@@ -96,3 +97,14 @@ def mark_seeded(seeded: Tensor, slots: Tensor, step_ok: Tensor, selected: Tensor
     torch.index_select(seeded, 0, slots, out=selected)
     torch.maximum(selected, step_ok, out=selected)
     seeded.index_copy_(0, slots, selected)
+
+
+def count_skipped(counter: Tensor, found_inf: Tensor) -> None:
+    """``counter += found_inf`` (fp32 0-dim; ``found_inf`` on any device)."""
+    if (
+        found_inf.device == counter.device
+        and _loops_may_run(counter)
+        and _extension.add_flag(counter, found_inf)
+    ):
+        return
+    counter += found_inf.to(counter.device)

@@ -118,6 +118,19 @@ def test_finite_flags_loops_match_the_ops(total, ops_only):
         assert _same_bits(a, b)
 
 
+@pytest.mark.parametrize("flags", [[0.0, 1.0, 1.0, 0.0], [float("nan"), 1.0]])
+def test_count_skipped_loops_match_the_ops(flags, ops_only):
+    loops = torch.zeros(())
+    for f in flags:
+        step_flags.count_skipped(loops, torch.tensor(f))
+    ops_only()
+    ops = torch.zeros(())
+    for f in flags:
+        step_flags.count_skipped(ops, torch.tensor(f))
+    torch.testing.assert_close(loops, ops, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(loops, torch.tensor(sum(flags)), rtol=0, atol=0, equal_nan=True)
+
+
 def test_loops_bump_the_version_of_what_they_write():
     table, group_of, seeded, slots = _inputs(0, 10, 2, 12)
     coef = torch.empty(10, COEF_COLUMNS)
@@ -125,6 +138,9 @@ def test_loops_bump_the_version_of_what_they_write():
     step_flags.gather_coef(coef, table, group_of, seeded, slots, torch.empty(10), plain=False)
     step_flags.mark_seeded(seeded, slots, torch.tensor(1.0), torch.empty(10))
     assert (coef._version, seeded._version) == (before[0] + 1, before[1] + 1)
+    counter = torch.zeros(())
+    step_flags.count_skipped(counter, torch.tensor(1.0))
+    assert counter._version == 1
 
 
 def test_an_index_out_of_range_raises_before_anything_is_written():
@@ -166,7 +182,9 @@ def test_under_a_dispatch_mode_the_ops_run():
         ),
         "finite_flags": lambda: step_flags.finite_flags(total),
         "mark_seeded": lambda: step_flags.mark_seeded(seeded, slots, step_ok, selected),
+        "count_skipped": lambda: step_flags.count_skipped(counter, step_ok),
     }
+    counter = torch.zeros(())
     expected_seeded = torch.maximum(seeded, step_ok)
     results = {}
     for name, call in calls.items():
@@ -176,6 +194,7 @@ def test_under_a_dispatch_mode_the_ops_run():
     assert _same_bits(coef, expected)
     assert [float(f) for f in results["finite_flags"]] == [1.0, 0.0]
     assert _same_bits(seeded, expected_seeded)
+    assert float(counter) == 1.0
 
 
 def test_under_a_torch_function_mode_the_ops_run():

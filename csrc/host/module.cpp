@@ -60,4 +60,5 @@ PYBIND11_MODULE(_C, m) {
       py::arg("zero_column") = py::none());
   m.def("finite_flags", &fsam_fused::host::finite_flags, py::arg("total"));
   m.def("mark_seeded", &fsam_fused::host::mark_seeded, py::arg("seeded"), py::arg("slots"), py::arg("step_ok"));
+  m.def("add_flag", &fsam_fused::host::add_flag, py::arg("counter"), py::arg("flag"));
 }

@@ -132,4 +132,13 @@ bool mark_seeded(const at::Tensor& seeded, const at::Tensor& slots, const at::Te
   return true;
 }
 
+bool add_flag(const at::Tensor& counter, const at::Tensor& flag) {
+  if (!loops_allowed() || !plain_cpu(counter, c10::ScalarType::Float, 0) || !plain_cpu(flag, c10::ScalarType::Float, 0)) {
+    return false;
+  }
+  *counter.data_ptr<float>() += *flag.data_ptr<float>();
+  torch::autograd::increment_version(counter);
+  return true;
+}
+
 }  // namespace fsam_fused::host

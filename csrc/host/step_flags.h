@@ -37,4 +37,7 @@ std::optional<std::pair<at::Tensor, at::Tensor>> finite_flags(const at::Tensor& 
 // seeded[slots[i]] = max(seeded[slots[i]], step_ok) (step_ok: a 0-d fp32 flag on the CPU).
 bool mark_seeded(const at::Tensor& seeded, const at::Tensor& slots, const at::Tensor& step_ok);
 
+// counter += flag (both 0-d fp32 on the CPU): the count of skipped steps.
+bool add_flag(const at::Tensor& counter, const at::Tensor& flag);
+
 }  // namespace fsam_fused::host
