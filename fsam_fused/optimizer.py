@@ -445,7 +445,7 @@ class FriendlySAM(torch.optim.Optimizer):
             return scan.scan(lists), None
         backend, plan = plans[0]
         if (
-            len(rows) < plan.table_rows  # a group removed: attach would gather rows that are gone
+            len(rows) < plan.table_rows  # fewer groups (one removed): attach would gather missing rows
             or not hasattr(backend, "first_pass")
             or grad_scaler is not None
             or planner.flat.norm_groups

@@ -95,7 +95,7 @@ class DevicePlan:
     group_positions: list[tuple[int, list[int]]]
     slot_list: list[int]
     group_list: list[int]
-    table_rows: int = 0
+    table_rows: int
     coef: Tensor | None = None
     group_rows: Sequence[Row] = ()
     group_adaptive: Sequence[bool] = ()

@@ -68,20 +68,25 @@ def test_a_replaced_value_takes_effect():
 
 
 @pytest.mark.parametrize(
-    ("value", "error", "match"),
-    [(-0.5, ValueError, "rho must be >= 0 \\(param group 1\\)"), (torch.tensor(0.1), TypeError, "rho")],
+    ("key", "value", "error", "match"),
+    [
+        ("rho", -0.5, ValueError, "rho must be >= 0 \\(param group 1\\)"),
+        ("rho", torch.tensor(0.1), TypeError, "rho"),
+        ("adaptive", 1, TypeError, "adaptive must be True or False \\(param group 1\\)"),
+    ],
 )
-def test_a_bad_value_set_between_steps_is_refused_before_anything_moves(value, error, match):
+def test_a_bad_value_set_between_steps_is_refused_before_anything_moves(key, value, error, match):
     params, opt, gen = _setup()
+    opt.param_groups[1]["adaptive"] = True  # then 1, which == True, is still refused
     _step(opt, params, gen)
     before = [p.detach().clone() for p in params]
-    opt.param_groups[1]["rho"] = value
+    opt.param_groups[1][key] = value
     for p in params:
         p.grad = torch.randn(4, generator=gen)
     with pytest.raises(error, match=match):
         opt.first_step()
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
-    opt.param_groups[1]["rho"] = 0.1
+    opt.param_groups[1][key] = dict(rho=0.1, adaptive=False)[key]
     opt.first_step()
     opt.second_step()
 
