@@ -351,6 +351,11 @@ class StepPlanner:
                 "the parameters (or their dtypes or layouts) changed since the last eager step; run one "
                 "eager first_step/second_step before calling the compiled first_step again"
             )
+        if any(t.tensor is not None and t.tensor.shape[0] != len(groups) for t in self.tables.values()):
+            raise RuntimeError(  # (the group tables are shaped at an eager step: one row per group)
+                "a param group was added or removed since the last eager step; run one eager "
+                "first_step/second_step before calling the compiled first_step again"
+            )
         if [i for i, grad in enumerate(grads) if grad is not None] != self.participants:
             raise RuntimeError(
                 "the set of parameters with a gradient changed since the last eager step; run one eager "

@@ -100,6 +100,41 @@ def test_compiled_plain_steps_match_eager(backend):
         torch.testing.assert_close(opt.state[p]["momentum"], eager.state[q]["momentum"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after: past its recompile limit (earlier tests) it runs a
+    frame eagerly, and a frame it ran eagerly after a refused trace stays marked for later tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
+def test_a_param_group_added_between_compiled_steps_is_refused_or_run_eagerly(backend, fresh_dynamo):
+    """The group tables are shaped by an eager step: a traced step with another number of groups
+    is refused (fullgraph says why); without fullgraph, Dynamo runs that step eagerly."""
+    params, opt = _setup(backend)
+    eager_params, eager = _setup(backend)
+    _step(params, opt.first_step, opt.second_step, seed=0)
+    _step(eager_params, eager.first_step, eager.second_step, seed=0)
+    strict = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    lenient = torch.compile(opt.first_step, backend="aot_eager")
+    _step(params, strict, opt.second_step, seed=2)
+    _step(eager_params, eager.first_step, eager.second_step, seed=2)
+    for o in (opt, eager):
+        o.add_param_group(dict(params=[], rho=0.2))
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, _grads(params, 4)):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="param group was added or removed since the last eager step"):
+        strict()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    _step(params, lenient, opt.second_step, seed=4)
+    _step(eager_params, eager.first_step, eager.second_step, seed=4)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", CPU_FAST_BACKENDS, indirect=True)
 def test_a_schedule_of_every_group_value_is_one_graph(backend):
     import torch._dynamo.testing
