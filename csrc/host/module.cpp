@@ -47,7 +47,7 @@ PYBIND11_MODULE(_C, m) {
       .def("first_pass_ready", &NativeLists::first_pass_ready)
       .def("first_pass", &NativeLists::first_pass);
 
-  // A CPU plan's coefficient table and seeded flags by plain loops (fsam_fused/step_flags.py).
+  // A CPU step's coefficient table, flags and skipped-step count by plain loops (fsam_fused/step_flags.py).
   m.def(
       "gather_coef",
       &fsam_fused::host::gather_coef,

@@ -63,7 +63,6 @@ void check_indexes(const char* op, const int64_t* index, int64_t n, int64_t boun
 
 }  // namespace
 
-
 bool gather_coef(
     const at::Tensor& coef,
     const at::Tensor& table,

@@ -1,9 +1,9 @@
-// A CPU plan's per-step coefficient table and its tensors' seeded flags, written by plain loops
-// (fsam_fused/step_flags.py has the contract and the tensor-op twin that every other device and
-// torch.compile use). The same work as tensor ops costs one dispatch each, about a dozen a step,
-// and a dispatch after a forward and backward pass finds its code and tables out of cache: tens
-// of microseconds each on the CPU, a millisecond a step, more than the loops over thousands of
-// tensors.
+// A CPU step's small bookkeeping (a plan's coefficient table, the finite-norm flags, the seeded
+// flags, the skipped-step count), written by plain loops (fsam_fused/step_flags.py has the contract
+// and the tensor-op twin that every other device and torch.compile use). The same work as tensor
+// ops costs one dispatch each, about fourteen a step, and a dispatch after a forward and backward
+// pass finds its code and tables out of cache: tens of microseconds each on the CPU, a millisecond
+// a step, more than the loops over thousands of tensors.
 //
 // Each function returns false, having done nothing, where its loops may not stand in for the ops:
 // a tensor that is not plain CPU memory (a subclass, a functional or batched wrapper, a view with
