@@ -34,6 +34,12 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off"]
 # and CUDA kernels share one expression (csrc/fsam_math.h) so that both round alike. The
 # step is bound by memory traffic, not arithmetic.
 NVCC_FLAGS = ["-O3", "--fmad=false"]
+# --exclude-libs,ALL: some toolchains link libstdc++ statically into every shared object (the
+# H200 image's g++ finds only libstdc++.a). Unhidden, that second C++ runtime's data resolved
+# to the copy torch loaded while its code stayed ours, and formatting a number into an error
+# message crashed the process there (tests/test_build_link_flags.py). Hidden, the copy is
+# self-contained; with a shared libstdc++ the flag changes nothing. GNU ld and lld know it.
+LINK_FLAGS = ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
 
 
 def _flag(name: str) -> str | None:
@@ -150,7 +156,7 @@ def extensions() -> list:
     if not _want_cuda():
         return [
             CppExtension(
-                "fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"]
+                "fsam_fused._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS
             )
         ]
     archs = _cuda_arch_list()
@@ -164,7 +170,7 @@ def extensions() -> list:
             library_dirs=library_dirs,
             define_macros=define,
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_FLAGS,
         )
     ]
 
