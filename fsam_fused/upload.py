@@ -25,6 +25,11 @@ def capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
+def pinned(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A page-locked host tensor: the source a copy to the device can read without a sync."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class Staging:
     """Uploads into one destination tensor; on the CPU a plain copy."""
 
@@ -40,26 +45,31 @@ class Staging:
         if out.device.type != "cuda":
             out.copy_(source)
             return
-        host = self._buffer_for(source, out)
+        captured = capturing(out.device)
+        host = self._buffer_for(source, out, captured)
         host.copy_(source)
         out.copy_(host, non_blocking=True)
-        if capturing(out.device):
+        if captured:
             # Every replay copies from this buffer: it must keep what was recorded.
             self._frozen = True
             return
         self._done = torch.cuda.Event()
         self._done.record(torch.cuda.current_stream(out.device))
 
-    def _buffer_for(self, source: Tensor, out: Tensor) -> Tensor:
+    def _buffer_for(self, source: Tensor, out: Tensor, captured: bool) -> Tensor:
+        # During a capture the device cannot be asked whether the last copy has finished (an
+        # event query there invalidates the capture: seen on an H200), and the buffer is frozen
+        # by this copy anyway, so a capture always takes a new one.
         reusable = (
-            self._host is not None
+            not captured
+            and self._host is not None
             and not self._frozen
             and self._host.shape == source.shape
             and self._host.dtype == out.dtype
             and (self._done is None or self._done.query())
         )
         if not reusable:
-            self._host = torch.empty(source.shape, dtype=out.dtype, pin_memory=True)
+            self._host = pinned(source.shape, out.dtype)
             self._done = None
             self._frozen = False
         return self._host
