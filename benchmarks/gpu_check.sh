@@ -27,6 +27,10 @@
 #     imported there fails the stage without stopping the GPU tests), -o faulthandler_timeout=45
 #     (the stacks of a test stuck in C code) and, through pytest-timeout, --timeout=60 per test
 #     (when pytest-timeout is missing, the log says so and only the two others bound the run).
+#     Through pytest-xdist, -n 1: the tests run in one worker process, replaced when a test
+#     kills it, so a test that crashes the interpreter fails alone and the others still run
+#     (the first GPU run lost half its tests to one segfault); without xdist the log says so,
+#     and a crash ends the stage with the crashing test named.
 #   fsam-bench (70 s): the GPU presets (resnet18, vit_b16; fp32 and bf16) and --e2e. Triton's
 #     compile cache, TRITON_CACHE_DIR (default: a temp dir shared by the stages, removed at
 #     exit), hands the kernels the tests compiled over to the benchmark.
@@ -153,7 +157,7 @@ def version(dist):
 
 
 print(f"python={sys.executable} {sys.version.split()[0]}")
-for dist in ("torch", "triton", "numpy", "pytest", "pytest-timeout", "pip", "setuptools"):
+for dist in ("torch", "triton", "numpy", "pytest", "pytest-timeout", "pytest-xdist", "pip", "setuptools"):
     print(f"{dist}={version(dist)}")
 site = sysconfig.get_paths()["purelib"]
 # pip refuses to install into an interpreter marked EXTERNALLY-MANAGED (PEP 668) outside a venv.
@@ -281,11 +285,20 @@ EOF
         echo "gpu_check: pytest-timeout is missing: no per-test timeout; faulthandler_timeout prints the" \
             "stacks of a slow test and the ${PYTEST_LIMIT_S} s stage limit ends the run" | tee -a "$OUT/pytest_gpu.log"
     fi
+    if [[ "$(detected pytest-xdist)" != missing ]]; then
+        PYTEST+=(-n 1 --max-worker-restart=20)
+    else
+        echo "gpu_check: pytest-xdist is missing: the tests run in this process, and a test that crashes" \
+            "the interpreter ends the stage" | tee -a "$OUT/pytest_gpu.log"
+    fi
     start=$SECONDS
     run_bounded "$PYTEST_LIMIT_S" "$OUT/pytest_gpu.log" "$OUT/pytest_gpu.log" "$PYTHON" -m pytest "${PYTEST[@]}" tests
     status=$?
+    last_started="$(grep -o '^tests/[^ ]*::[^ ]*' "$OUT/pytest_gpu.log" | tail -n 1)"
     if [[ $status -eq 124 || $status -eq 137 ]]; then
-        detail="last test started: $(grep -o '^tests/[^ ]*::[^ ]*' "$OUT/pytest_gpu.log" | tail -n 1)"
+        detail="last test started: $last_started"
+    elif grep -q 'Fatal Python error' "$OUT/pytest_gpu.log" && ! grep -qE '^=+ .* in [0-9.]+s' "$OUT/pytest_gpu.log"; then
+        detail="the interpreter crashed in: $last_started"
     else
         detail="$(tail -n 1 "$OUT/pytest_gpu.log" | sed -E 's/^[= ]+//; s/[= ]+$//' | cut -c 1-100)"
     fi

@@ -41,6 +41,7 @@ DETECTED = {
     "numpy": "2.5.2",
     "pytest": "9.0.0",
     "pytest-timeout": "2.4.0",
+    "pytest-xdist": "3.8.0",
     "pip": "25.3",
     "setuptools": "80.9.0",
     "site_packages": "writable /opt/fake/site-packages",
@@ -187,6 +188,30 @@ def test_gpu_tests_are_bounded_verbose_timed_and_write_junit_xml(gpu_run):
     assert args[args.index("-o") + 1] == "faulthandler_timeout=45"
     assert pytest_call["env"]["PYTHONFAULTHANDLER"] == "1"
     assert "1 passed in 0.01s" in stage_row(gpu_run, "pytest -m gpu")
+
+
+def test_gpu_tests_run_in_a_worker_process_that_a_crash_does_not_end_the_run_with(gpu_run):
+    (pytest_call,) = gpu_run.stage_calls("pytest")
+    args = pytest_call["args"]
+    assert args[args.index("-n") + 1] == "1"
+    assert any(arg.startswith("--max-worker-restart=") for arg in args)
+
+
+def test_without_pytest_xdist_the_log_says_a_crash_ends_the_stage(tmp_path):
+    run = run_check(tmp_path, detected={**DETECTED, "pytest-xdist": "missing"})
+    (pytest_call,) = run.stage_calls("pytest")
+    assert "-n" not in pytest_call["args"]
+    assert "pytest-xdist is missing" in run.text("pytest_gpu.log")
+    assert run.returncode == 0
+
+
+def test_a_crash_that_ends_the_gpu_tests_names_the_crashing_test(tmp_path):
+    without_xdist = {**DETECTED, "pytest-xdist": "missing"}
+    run = run_check(tmp_path, detected=without_xdist, pytest=139, pytest_crashes=True)
+    assert run.returncode == 1
+    row = stage_row(run, "pytest -m gpu")
+    assert "FAILED (exit 139)" in row
+    assert "the interpreter crashed in: tests/test_a.py::test_two" in row
 
 
 def test_tests_and_benchmark_share_a_triton_cache_that_is_removed_at_exit(gpu_run):
