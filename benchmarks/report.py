@@ -123,7 +123,8 @@ def step_table(results: Sequence[StepResult], copy_bandwidth: float) -> str:
         )
     note = (
         "step = first_step + second_step with a no-op base optimizer (the SAM work alone; the "
-        "'torch ...' rows are PyTorch's own optimizers' step on the same tensors, lr 0); median "
+        "'torch ...' rows are PyTorch's own optimizers' step on the same tensors, lr 0; on CUDA the "
+        "'<backend> graph' rows replay that backend's step captured in a CUDA graph); median "
         f"of interleaved repetitions, spread = half the interquartile range. GB/s: bytes model "
         f"(DESIGN.md 3) / time; 'of copy': vs the copy bandwidth measured now, {copy_bandwidth / 1e9:.1f} "
         "GB/s. Peak: memory allocated above the step's start, on the first call (allocates state) "

@@ -6,6 +6,8 @@ the base step is the same for every backend and is measured by the end-to-end be
 Before a backend is timed it must agree with ``reference`` over a few steps on the same
 shapes (the gate); a backend that disagrees is reported as failing and not timed.
 
+On CUDA, each backend's step is timed a second time as the replay of a CUDA graph that
+captured it (rows named ``<backend> graph``): what the eager step costs beyond it is host work.
 Each backend runs each requested SAM variant (:data:`VARIANTS`), and PyTorch's own
 ``SGD(foreach=True)`` and ``AdamW(fused=True)`` steps are timed beside them on the same
 tensors as anchors (:data:`ANCHORS`): on a preset of many tiny tensors, step time minus
@@ -45,6 +47,9 @@ DEFAULT_VARIANT = "fsam"
 # with its eta at 0. ASAM's is ASAM, not F-SAM: ASAM reads p in the norm pass as well (more
 # bytes per element, whatever eta), so only against ASAM does the eta's own cost show.
 PLAIN_STEP: dict[str, str] = {"fisher": "fsam", "asam": "fsam", "asam_eta": "asam"}
+# On CUDA each backend's step is also timed as a replay of a captured CUDA graph, in a row
+# named after the backend with this suffix.
+CAPTURED = " graph"
 # PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
 # bytes they move per element in units of the parameter's element size.
 ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {
@@ -232,6 +237,20 @@ def run_preset(
     for key, r in timed.items():
         opt = _optimizer(params, r.backend, NoBaseStep, r.variant)
         phases[key] = [opt.first_step, opt.second_step]
+    if device.type == "cuda":
+        for r in [r for r in timed.values() if r.backend != "reference"]:
+            row = StepResult(
+                preset, str(device), dtype_name, f"{r.backend}{CAPTURED}", r.tensors, r.numel, r.variant
+            )
+            row.model_bytes = r.model_bytes
+            results.append(row)
+            try:
+                opt = _optimizer(params, r.backend, NoBaseStep, r.variant)
+                phases[_key(row)] = [captured_step(opt, device)]
+                timed[_key(row)] = row
+            except Exception as exc:  # reported like a failed gate; the eager rows are still timed
+                row.status = f"FAILED: capture: {type(exc).__name__}: {exc}"
+                progress(f"{preset} {dtype_name}: {row.backend} FAILED to capture, not timed")
     element = params[0].element_size()
     for name, (cls, kwargs, elements) in ANCHORS.items():
         anchor = StepResult(preset, str(device), dtype_name, name, len(shapes), numel(shapes), variant="")
@@ -249,6 +268,24 @@ def run_preset(
             r.first, r.second = per_phase
         r.peak_steady_bytes = peak_memory_bytes(_in_sequence(phases[key]), device)
     return results
+
+
+def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], None]:
+    """``opt``'s whole step (``first_step`` + ``second_step``) recorded in a CUDA graph after
+    warm-up steps on a side stream, as README's CUDA graphs section asks of a user; returns the
+    replay. Its time against the eager step's is the host work a replay does not repeat."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.first_step()
+            opt.second_step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.first_step()
+        opt.second_step()
+    return graph.replay
 
 
 def _key(result: StepResult) -> str:

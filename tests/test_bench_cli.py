@@ -69,6 +69,19 @@ def test_step_benchmark_writes_table_json_and_png(small_preset, tmp_path, capsys
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.gpu
+def test_on_cuda_every_backend_is_also_timed_replaying_a_captured_graph(small_preset, tmp_path, capsys):
+    json_path = tmp_path / "r.json"
+    argv = ["--device", "cuda", "--quick", "--preset", small_preset, "--no-train-check"]
+    assert cli.main([*argv, "--json", str(json_path)]) == 0, capsys.readouterr().out
+    rows = {r["backend"]: r for r in json.loads(json_path.read_text())["step"]}
+    for backend in cli.runnable_backends(torch.device("cuda")):
+        captured = rows[f"{backend} graph"]
+        assert captured["status"] == "ok" and captured["total_ms"]["median"] > 0
+        assert captured["peak_steady_bytes"] == 0  # a replay allocates nothing
+    assert "reference graph" not in rows
+
+
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(
     small_preset, broken_torch_backend, capsys
 ):
