@@ -2,11 +2,20 @@
 
 A CUDA copy from pageable host memory makes the host wait for the device; one from pinned
 memory with ``non_blocking=True`` does not. Every table the optimizer and its backends put on
-a device goes through :class:`Staging`, which owns its pinned buffer: a buffer is rewritten
-only after the device has finished reading it (an event recorded after each copy says when),
-and a copy recorded into a CUDA graph keeps reading the buffer it was recorded with, so that
-buffer is never rewritten afterwards. This does not rely on the caching host allocator's
-bookkeeping, which differs between torch releases (in particular inside graph capture).
+a device goes through :class:`Staging`, which holds its pinned buffers itself: inside graph
+capture, where the caching host allocator's behaviour differs between torch releases, nothing
+here depends on it.
+
+- an eager upload rewrites its buffer only after the device has finished reading it (an event
+  recorded after each copy says when); while the device still reads it, the upload takes a new
+  one (the allocator keeps a block a pending copy reads, as it does for any ``non_blocking``
+  copy from pinned memory);
+- a copy recorded into a CUDA graph reads, at every replay, the buffer it was recorded with:
+  that buffer is never rewritten and is held as long as the Staging lives;
+- inside a capture nothing is asked of the device (an event query there invalidates the
+  capture: seen on an H200) and, after an eager upload of the same shape (the warm-up steps
+  before a capture make one), nothing is allocated: the capture records from a spare buffer
+  that the eager upload set aside and no copy has read.
 """
 
 from __future__ import annotations
@@ -30,13 +39,25 @@ def pinned(shape: torch.Size, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
+def copy_finished_event(device: torch.device) -> torch.cuda.Event:
+    """An event recorded on ``device``'s current stream, after the copies queued so far."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _fits(buffer: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> bool:
+    return buffer is not None and buffer.shape == shape and buffer.dtype == dtype
+
+
 class Staging:
     """Uploads into one destination tensor; on the CPU a plain copy."""
 
     def __init__(self) -> None:
-        self._host: Tensor | None = None
-        self._done: torch.cuda.Event | None = None
-        self._frozen = False
+        self._host: Tensor | None = None  # what eager uploads copy from
+        self._done: torch.cuda.Event | None = None  # recorded after the last eager copy
+        self._spare: Tensor | None = None  # read by no copy yet: what a capture records from
+        self._recorded: list[Tensor] = []  # read by captured graphs at every replay
 
     def upload(self, values: Sequence | Tensor, out: Tensor) -> None:
         """Copy ``values`` (nested lists of numbers, or a CPU tensor) into ``out``, never waiting."""
@@ -45,34 +66,34 @@ class Staging:
         if out.device.type != "cuda":
             out.copy_(source)
             return
-        captured = capturing(out.device)
-        host = self._buffer_for(source, out, captured)
+        if capturing(out.device):
+            host = self._take_spare(source.shape, out.dtype)
+            self._recorded.append(host)
+            host.copy_(source)
+            out.copy_(host, non_blocking=True)
+            return
+        host = self._reusable(source.shape, out.dtype)
+        if host is None:
+            host = self._host = pinned(source.shape, out.dtype)
         host.copy_(source)
         out.copy_(host, non_blocking=True)
-        if captured:
-            # Every replay copies from this buffer: it must keep what was recorded.
-            self._frozen = True
-            return
-        self._done = torch.cuda.Event()
-        self._done.record(torch.cuda.current_stream(out.device))
+        self._done = copy_finished_event(out.device)
+        if not _fits(self._spare, source.shape, out.dtype):
+            self._spare = pinned(source.shape, out.dtype)
 
-    def _buffer_for(self, source: Tensor, out: Tensor, captured: bool) -> Tensor:
-        # During a capture the device cannot be asked whether the last copy has finished (an
-        # event query there invalidates the capture: seen on an H200), and the buffer is frozen
-        # by this copy anyway, so a capture always takes a new one.
-        reusable = (
-            not captured
-            and self._host is not None
-            and not self._frozen
-            and self._host.shape == source.shape
-            and self._host.dtype == out.dtype
-            and (self._done is None or self._done.query())
-        )
-        if not reusable:
-            self._host = pinned(source.shape, out.dtype)
-            self._done = None
-            self._frozen = False
-        return self._host
+    def _reusable(self, shape: torch.Size, dtype: torch.dtype) -> Tensor | None:
+        """The eager buffer, if it fits and the device has finished reading it."""
+        if _fits(self._host, shape, dtype) and (self._done is None or self._done.query()):
+            return self._host
+        return None
+
+    def _take_spare(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        spare, self._spare = self._spare, None
+        if _fits(spare, shape, dtype):
+            return spare
+        # No eager upload of this shape came first: allocated during the capture, which torch's
+        # caching host allocator then has to support.
+        return pinned(shape, dtype)
 
     def new_tensor(self, values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A new tensor on ``device`` holding ``values``, uploaded through this staging buffer."""
