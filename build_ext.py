@@ -37,8 +37,9 @@ NVCC_FLAGS = ["-O3", "--fmad=false"]
 # --exclude-libs,ALL: some toolchains link libstdc++ statically into every shared object (the
 # H200 image's g++ finds only libstdc++.a). Unhidden, that second C++ runtime's data resolved
 # to the copy torch loaded while its code stayed ours, and formatting a number into an error
-# message crashed the process there (tests/test_build_link_flags.py). Hidden, the copy is
-# self-contained; with a shared libstdc++ the flag changes nothing. GNU ld and lld know it.
+# message crashed the process there (tests/test_build_link_flags.py). Hidden, the copy's code
+# binds to its own data (weak template instances of our code stay exported, as they are without
+# a static runtime); with a shared libstdc++ the flag changes nothing. GNU ld, gold and lld know it.
 LINK_FLAGS = ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
 
 

@@ -11,6 +11,7 @@ extension but with `-static-libstdc++`, loaded into a process that already holds
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,18 +52,23 @@ LOAD_AND_FORMAT = textwrap.dedent(
 )
 
 
-def compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")  # what torch's extension builder uses
-    if shutil.which(cxx) is None:
+def compiler() -> list[str]:
+    cxx = shlex.split(os.environ.get("CXX", "c++"))  # what torch's extension builder uses
+    if not cxx or shutil.which(cxx[0]) is None:
         pytest.fail(f"no C++ compiler {cxx!r}: the extension itself could not have been built")
     return cxx
+
+
+def test_the_extension_links_with_these_flags(monkeypatch):
+    monkeypatch.delenv("FSAM_FUSED_NO_EXT", raising=False)
+    assert [ext.extra_link_args for ext in build_ext.extensions()] == [build_ext.LINK_FLAGS]
 
 
 def test_a_statically_linked_cxx_runtime_still_formats_numbers(tmp_path):
     source = tmp_path / "probe.cpp"
     source.write_text(PROBE)
     library = tmp_path / "probe.so"
-    link = [compiler(), "-shared", "-fPIC", "-O1", str(source), "-o", str(library), "-static-libstdc++"]
+    link = [*compiler(), "-shared", "-fPIC", "-O1", str(source), "-o", str(library), "-static-libstdc++"]
     built = subprocess.run(link + build_ext.LINK_FLAGS, capture_output=True, text=True)
     if built.returncode != 0 and "lstdc++" in built.stderr:
         pytest.skip(f"this toolchain has no static libstdc++ to link: {built.stderr.strip()[-200:]}")
