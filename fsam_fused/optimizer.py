@@ -407,12 +407,15 @@ class FriendlySAM(torch.optim.Optimizer):
             for state in planner.flat.devices.values():
                 state.save_momentum()
         main = self._main_device()
-        total = torch.zeros((), dtype=torch.float32, device=main)
+        total = None  # (each backend's sq_norm returns a new tensor: one plan's is the total)
         for index, (backend, plan) in enumerate(plans):
             self._attach(plan, source, rows, adaptive, fisher, plain, inv_scale)
             if traced_grads is not None:
                 plan.grads = traced_grads[index]
-            total = total + backend.sq_norm(plan).to(main)
+            norm = backend.sq_norm(plan).to(main)
+            total = norm if total is None else total + norm
+        if total is None:
+            total = torch.zeros((), dtype=torch.float32, device=main)
         total = distributed.all_reduce_sum_(total, planner.flat.norm_groups)
         if self.replica_group is not None:
             total = distributed.nonfinite_if_any_rank(total, self.replica_group)
