@@ -159,7 +159,7 @@ class Progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; returns the process exit status (1 when a backend disagrees)."""
+    """Run the benchmark; returns the process exit status (1 when a backend disagrees or fails)."""
     args, plan = _parse(argv)
     return run(args, **plan, progress=Progress())
 

@@ -61,7 +61,8 @@ def run(
     progress: Callable[[str], None],
     variants: list[str] | None = None,
 ) -> int:
-    """The whole benchmark; returns the exit status (1 when any backend disagrees)."""
+    """The whole benchmark; returns the exit status (1 when any backend disagrees with reference
+    or fails to run, e.g. a step that cannot be captured in a CUDA graph)."""
     started = time.perf_counter()
     machine = describe()
     record: dict[str, Any] = {
@@ -113,7 +114,7 @@ def run(
     record["elapsed_s"] = time.perf_counter() - started
     if "training_check" in record:
         tables.insert(0, _training_summary(record["training_check"]))
-    verdict = "all backends agree with reference" if agree else "DISAGREEMENT: see FAILED above"
+    verdict = "all backends agree with reference" if agree else "DISAGREEMENT or FAILURE: see FAILED above"
     text = "\n\n".join(tables) + f"\n\n{verdict}; {record['elapsed_s']:.0f} s\n"
     _write_outputs(args, record, results, text, device, progress)
     print(text, end="", flush=True)

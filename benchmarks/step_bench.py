@@ -50,6 +50,7 @@ PLAIN_STEP: dict[str, str] = {"fisher": "fsam", "asam": "fsam", "asam_eta": "asa
 # On CUDA each backend's step is also timed as a replay of a captured CUDA graph, in a row
 # named after the backend with this suffix.
 CAPTURED = " graph"
+CAPTURE_WARMUP = 3  # eager steps on a side stream before the capture, as README's CUDA graphs section asks
 # PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
 # bytes they move per element in units of the parameter's element size.
 ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {
@@ -246,11 +247,18 @@ def run_preset(
             results.append(row)
             try:
                 opt = _optimizer(params, r.backend, NoBaseStep, r.variant)
-                phases[_key(row)] = [captured_step(opt, device)]
-                timed[_key(row)] = row
+                replay = captured_step(opt, device)
+                twin = _optimizer(params, r.backend, NoBaseStep, r.variant)
+                verdict = check_replay(replay, opt, twin, dtype)
             except Exception as exc:  # reported like a failed gate; the eager rows are still timed
-                row.status = f"FAILED: capture: {type(exc).__name__}: {exc}"
-                progress(f"{preset} {dtype_name}: {row.backend} FAILED to capture, not timed")
+                verdict = Verdict(False, f"capture: {type(exc).__name__}: {exc}")
+            row.gate = verdict.detail
+            if verdict:
+                phases[_key(row)] = [replay]
+                timed[_key(row)] = row
+            else:
+                row.status = f"FAILED: {verdict.detail}"
+                progress(f"{preset} {dtype_name}: {row.backend} FAILED, not timed")
     element = params[0].element_size()
     for name, (cls, kwargs, elements) in ANCHORS.items():
         anchor = StepResult(preset, str(device), dtype_name, name, len(shapes), numel(shapes), variant="")
@@ -277,7 +285,7 @@ def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(3):
+        for _ in range(CAPTURE_WARMUP):
             opt.first_step()
             opt.second_step()
     torch.cuda.current_stream(device).wait_stream(side)
@@ -286,6 +294,34 @@ def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[
         opt.first_step()
         opt.second_step()
     return graph.replay
+
+
+def check_replay(
+    replay: Callable[[], None], opt: torch.optim.Optimizer, twin: torch.optim.Optimizer, dtype: torch.dtype
+) -> Verdict:
+    """Does one replay leave ``opt``'s state where one eager step leaves that of ``twin`` (a new
+    optimizer on the same tensors, stepped eagerly as often as ``opt`` was before its capture)?
+    The gradients are doubled in place for that step (and halved back), so the momentum moves:
+    a graph that recorded stale addresses, or no kernels, fails this."""
+    for _ in range(CAPTURE_WARMUP):
+        twin.first_step()
+        twin.second_step()
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    torch._foreach_mul_(grads, 2.0)
+    try:
+        twin.first_step()
+        twin.second_step()
+        replay()
+    finally:
+        torch._foreach_mul_(grads, 0.5)
+    tolerance = tolerances.step(dtype)
+    return compare(_state_tensors(opt), _state_tensors(twin), "state after a replay", **tolerance)
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
+    state = opt.state_dict()["state"]
+    entries = (value for i in sorted(state) for _, value in sorted(state[i].items()))
+    return [value for value in entries if isinstance(value, Tensor)]
 
 
 def _key(result: StepResult) -> str:

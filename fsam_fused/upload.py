@@ -13,9 +13,10 @@ here depends on it.
 - a copy recorded into a CUDA graph reads, at every replay, the buffer it was recorded with:
   that buffer is never rewritten and is held as long as the Staging lives;
 - inside a capture nothing is asked of the device (an event query there invalidates the
-  capture: seen on an H200) and, after an eager upload of the same shape (the warm-up steps
-  before a capture make one), nothing is allocated: the capture records from a spare buffer
-  that the eager upload set aside and no copy has read.
+  capture: seen on an H200) and, after an eager upload of the same shape or a
+  :meth:`Staging.reserve`, nothing is allocated for the capture's first upload: it records from
+  a spare buffer set aside then, which no copy has read. (A second upload through the same
+  Staging within one capture, or a capture right after another, allocates.)
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class Staging:
         self._done = copy_finished_event(out.device)
         if not _fits(self._spare, source.shape, out.dtype):
             self._spare = pinned(source.shape, out.dtype)
+
+    def reserve(self, out: Tensor) -> None:
+        """Set aside now the buffer a capture would record an upload into ``out`` from, for a
+        table that was written some other way and may see its first upload inside a capture."""
+        if out.device.type != "cuda" or capturing(out.device) or _fits(self._spare, out.shape, out.dtype):
+            return
+        self._spare = pinned(out.shape, out.dtype)
 
     def _reusable(self, shape: torch.Size, dtype: torch.dtype) -> Tensor | None:
         """The eager buffer, if it fits and the device has finished reading it."""

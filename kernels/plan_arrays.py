@@ -52,6 +52,8 @@ class PlanArrays:
         self.table = build_table(params, grads, momentum, backup, self._stagings[0])
         self._grad_addresses = addresses(grads)
         self._captured = capturing(device)
+        # The gradient row is next uploaded by itself when the gradients move, or in a capture.
+        self._stagings[1].reserve(self.table[GRAD.value])
         numels = [p.numel() for p in params]
         by_type: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):

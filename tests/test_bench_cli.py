@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import fsam_fused
-from benchmarks import cli, presets
+from benchmarks import cli, presets, step_bench
 from benchmarks.digits import check_agreement
+from fsam_fused import FriendlySAM
 from fsam_fused.backends import foreach
 
 
@@ -80,6 +81,28 @@ def test_on_cuda_every_backend_is_also_timed_replaying_a_captured_graph(small_pr
         assert captured["status"] == "ok" and captured["total_ms"]["median"] > 0
         assert captured["peak_steady_bytes"] == 0  # a replay allocates nothing
     assert "reference graph" not in rows
+
+
+@pytest.mark.parametrize("replay_runs_the_step", [True, False])
+def test_a_replay_is_checked_against_one_more_eager_step(replay_runs_the_step):
+    shapes = [(4, 3), (5,)]
+    params = step_bench.make_params(shapes, torch.device("cpu"), torch.float32, seed=0)
+
+    def optimizer():
+        return FriendlySAM(params, step_bench.NoBaseStep, backend="torch", **step_bench.FSAM_KWARGS)
+
+    opt, twin = optimizer(), optimizer()
+    for _ in range(step_bench.CAPTURE_WARMUP):  # what captured_step runs before it records
+        opt.first_step()
+        opt.second_step()
+
+    def replay():  # stands in for graph.replay: the recorded step, or a graph that recorded nothing
+        if replay_runs_the_step:
+            opt.first_step()
+            opt.second_step()
+
+    verdict = step_bench.check_replay(replay, opt, twin, torch.float32)
+    assert bool(verdict) == replay_runs_the_step, verdict.detail
 
 
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(

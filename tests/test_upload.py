@@ -4,6 +4,9 @@ No GPU here: a stand-in device table records what each copy read, and the fakes 
 device's side say whether a capture is under way and whether the copies so far finished.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -83,6 +86,29 @@ def test_what_a_capture_recorded_keeps_its_values_through_later_uploads(device):
     staging.upload([6.0, 6.0], table)
     assert replayed.tolist() == [2.0, 2.0]
     assert table.sources[-1].tolist() == [6.0, 6.0]
+
+
+def test_a_buffer_a_capture_recorded_lives_as_long_as_the_staging(device):
+    staging, table = upload.Staging(), DeviceTable(2)
+    staging.upload([1.0, 1.0], table)
+    device.capturing = True
+    staging.upload([2.0, 2.0], table)
+    recorded = weakref.ref(table.sources.pop())
+    device.capturing = False
+    for value in (3.0, 4.0):
+        staging.upload([value, value], table)
+    table.sources.clear()
+    gc.collect()
+    assert recorded() is not None and recorded().tolist() == [2.0, 2.0]
+
+
+def test_a_reserved_table_is_first_uploaded_inside_a_capture_without_an_allocation(device):
+    staging, table = upload.Staging(), DeviceTable(3)
+    staging.reserve(table)
+    device.capturing = True
+    staging.upload([4.0, 5.0, 6.0], table)
+    assert device.allocated_while_capturing == 0
+    assert table.sources[-1].tolist() == [4.0, 5.0, 6.0]
 
 
 def test_an_eager_buffer_is_rewritten_only_once_the_device_has_read_it(device):
