@@ -259,6 +259,7 @@ def run_preset(
             else:
                 row.status = f"FAILED: {verdict.detail}"
                 progress(f"{preset} {dtype_name}: {row.backend} FAILED, not timed")
+        gc.collect()  # the twins (an optimizer is freed by the cycle collector), before timing
     element = params[0].element_size()
     for name, (cls, kwargs, elements) in ANCHORS.items():
         anchor = StepResult(preset, str(device), dtype_name, name, len(shapes), numel(shapes), variant="")
@@ -300,20 +301,29 @@ def check_replay(
     replay: Callable[[], None], opt: torch.optim.Optimizer, twin: torch.optim.Optimizer, dtype: torch.dtype
 ) -> Verdict:
     """Does one replay leave ``opt``'s state where one eager step leaves that of ``twin`` (a new
-    optimizer on the same tensors, stepped eagerly as often as ``opt`` was before its capture)?
-    The gradients are doubled in place for that step (and halved back), so the momentum moves:
-    a graph that recorded stale addresses, or no kernels, fails this."""
+    optimizer on the same tensors, stepped eagerly as often as ``opt`` was before its capture),
+    and the parameters as they were (the base step is a no-op)? The gradients are doubled in
+    place for that step (and halved back), so the momentum moves: a graph that recorded stale
+    addresses, no kernels, or no restore fails this. The parameters are put back whatever
+    happens, since every row shares them."""
     for _ in range(CAPTURE_WARMUP):
         twin.first_step()
         twin.second_step()
-    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    before = [p.detach().clone() for p in params]
     torch._foreach_mul_(grads, 2.0)
     try:
         twin.first_step()
         twin.second_step()
         replay()
+        restored = all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     finally:
         torch._foreach_mul_(grads, 0.5)
+        with torch.no_grad():
+            torch._foreach_copy_(params, before)
+    if not restored:
+        return Verdict(False, "a replay left the parameters changed (a full step restores them)")
     tolerance = tolerances.step(dtype)
     return compare(_state_tensors(opt), _state_tensors(twin), "state after a replay", **tolerance)
 

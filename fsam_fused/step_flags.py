@@ -82,8 +82,11 @@ def finite_flags(total: Tensor) -> tuple[Tensor, Tensor]:
         flags = _extension.finite_flags(total)
         if flags is not None:
             return flags
-    # total - total is 0 where total is finite and nan where it is not (inf - inf): four kernels
-    # on a GPU, where isfinite, its negation and two casts took seven.
+    if torch.compiler.is_compiling():  # one fused kernel whatever the ops; a compiler may rewrite x - x
+        step_ok = torch.isfinite(total)
+        return step_ok.float(), (~step_ok).float()
+    # Eager, total - total is exactly 0 where total is finite and nan where it is not: four
+    # kernels on a GPU, where isfinite, its negation and two casts took seven.
     found_inf = (total - total).ne(0).float()
     return 1.0 - found_inf, found_inf
 

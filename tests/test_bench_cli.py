@@ -83,8 +83,8 @@ def test_on_cuda_every_backend_is_also_timed_replaying_a_captured_graph(small_pr
     assert "reference graph" not in rows
 
 
-@pytest.mark.parametrize("replay_runs_the_step", [True, False])
-def test_a_replay_is_checked_against_one_more_eager_step(replay_runs_the_step):
+@pytest.mark.parametrize("replay", ["step", "nothing", "no_restore"])
+def test_a_replay_is_checked_against_one_more_eager_step(replay):
     shapes = [(4, 3), (5,)]
     params = step_bench.make_params(shapes, torch.device("cpu"), torch.float32, seed=0)
 
@@ -96,13 +96,19 @@ def test_a_replay_is_checked_against_one_more_eager_step(replay_runs_the_step):
         opt.first_step()
         opt.second_step()
 
-    def replay():  # stands in for graph.replay: the recorded step, or a graph that recorded nothing
-        if replay_runs_the_step:
-            opt.first_step()
-            opt.second_step()
+    before = [p.detach().clone() for p in params]
 
-    verdict = step_bench.check_replay(replay, opt, twin, torch.float32)
-    assert bool(verdict) == replay_runs_the_step, verdict.detail
+    def stand_in():  # for graph.replay: the recorded step, a graph that recorded nothing, or half
+        if replay != "nothing":
+            opt.first_step()
+        if replay == "step":
+            opt.second_step()
+        if replay == "no_restore":
+            opt._pending.finish()
+
+    verdict = step_bench.check_replay(stand_in, opt, twin, torch.float32)
+    assert bool(verdict) == (replay == "step"), verdict.detail
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # whatever the replay did
 
 
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(

@@ -170,6 +170,21 @@ def test_after_a_graph_capture_every_eager_step_uploads_its_gradient_addresses(m
     assert grad_row.tolist() == eager
 
 
+def test_the_gradient_row_reserves_a_buffer_for_a_first_upload_inside_a_capture(monkeypatch):
+    """The row is written with the whole table at build time: without its own reserved buffer,
+    a capture's first upload of it would allocate pinned memory during the capture."""
+    plan_arrays = triton_backend.kernels.plan_arrays
+    reserved = []
+    monkeypatch.setattr(plan_arrays.Staging, "reserve", lambda staging, out: reserved.append((staging, out)))
+    params = [torch.randn(5), torch.randn(CHUNK + 1)]
+    arrays = plan_arrays.PlanArrays(
+        params, [torch.randn(p.shape) for p in params], None, [p.clone() for p in params]
+    )
+    grad_staging = arrays._stagings[1]
+    assert [(staging, out.shape) for staging, out in reserved] == [(grad_staging, (len(params),))]
+    assert reserved[0][1].data_ptr() == arrays.table[plan_arrays.GRAD.value].data_ptr()
+
+
 def _plan(seed, inv_scale=None):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((5,), (CHUNK + 1,), (3, 7))]
