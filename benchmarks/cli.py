@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the digits training agreement check",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print, per backend, a torch.profiler table of the step's host time by call "
+        "(first preset and dtype)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     parser.add_argument(
         "--png", type=Path, default=None, help="write the speedup/bandwidth chart to this PNG"

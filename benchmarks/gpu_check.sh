@@ -33,8 +33,8 @@
 #     (the first GPU run lost half its tests to one segfault); without xdist the log says so,
 #     and a crash ends the stage with the crashing test named.
 #   fsam-bench (90 s, 57 used on an H200 before the captured-graph rows): the GPU presets
-#     (resnet18, vit_b16; fp32 and bf16), each backend eager and replayed from a CUDA graph, and
-#     --e2e. Triton's compile cache, TRITON_CACHE_DIR (default: a temp dir shared by the stages,
+#     (resnet18, vit_b16; fp32 and bf16), each backend eager and replayed from a CUDA graph,
+#     --e2e, and --profile (each backend's host time by call on resnet18). Triton's compile cache, TRITON_CACHE_DIR (default: a temp dir shared by the stages,
 #     removed at exit), hands the kernels the tests compiled over to the benchmark.
 # Without a GPU (none listed by nvidia-smi, none seen by torch), the CPU fallback: no build,
 # no GPU tests, a quick fsam-bench on the CPU (300 s limit).
@@ -308,7 +308,7 @@ EOF
     cap_log "$OUT/pytest_gpu.log"
     cap_log "$OUT/pytest_gpu.xml"
 
-    BENCH=(--device cuda --preset "resnet18,vit_b16" --dtype "fp32,bf16" --e2e)
+    BENCH=(--device cuda --preset "resnet18,vit_b16" --dtype "fp32,bf16" --e2e --profile)
 elif [[ $MODE == cpu ]]; then
     echo "no CUDA GPU visible: build skipped" > "$OUT/build.log"
     echo "no CUDA GPU visible: pytest -m gpu skipped" > "$OUT/pytest_gpu.log"

@@ -16,6 +16,7 @@ from .digits import check_agreement
 from .e2e import run_e2e
 from .machine import describe, slug
 from .measure import Budget, copy_bandwidth
+from .profile_step import profile_tables
 from .report import derive, e2e_table, host_table, step_table, variant_table, write_json
 from .step_bench import DEFAULT_VARIANT, StepResult, run_preset
 
@@ -111,6 +112,10 @@ def run(
         e2e = run_e2e(backends, device, batch, e2e_budget, progress)
         record["e2e"] = {"batch": batch, "results": [r.as_dict() for r in e2e]}
         tables.append(e2e_table(e2e, batch))
+    if args.profile:
+        progress(f"profiling {presets[0]} on {', '.join(backends)}")
+        record["profile"] = profile_tables(presets[0], backends, device, dtypes[0])
+        tables.append(record["profile"])
     record["elapsed_s"] = time.perf_counter() - started
     if "training_check" in record:
         tables.insert(0, _training_summary(record["training_check"]))

@@ -111,6 +111,16 @@ def test_a_replay_is_checked_against_one_more_eager_step(replay):
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # whatever the replay did
 
 
+def test_profile_prints_each_backends_host_time_by_call(small_preset, tmp_path, capsys):
+    json_path = tmp_path / "r.json"
+    argv = ["--preset", small_preset, "--no-train-check", "--backends", "torch", "--profile"]
+    status, out = _run(capsys, *argv, "--json", str(json_path))
+    assert status == 0
+    assert f"{small_preset} float32 torch: host time by call over" in out.out
+    assert "Self CPU" in out.out and "aten::" in out.out  # the profiler's table, with the ops it saw
+    assert "host time by call" in json.loads(json_path.read_text())["profile"]
+
+
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(
     small_preset, broken_torch_backend, capsys
 ):
