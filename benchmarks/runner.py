@@ -114,7 +114,10 @@ def run(
         tables.append(e2e_table(e2e, batch))
     if args.profile:
         progress(f"profiling {presets[0]} on {', '.join(backends)}")
-        record["profile"] = profile_tables(presets[0], backends, device, dtypes[0])
+        try:
+            record["profile"] = profile_tables(presets[0], backends, device, dtypes[0])
+        except Exception as exc:  # the profile is extra: a profiler that fails must not cost the tables
+            record["profile"] = f"--profile failed: {type(exc).__name__}: {exc}"
         tables.append(record["profile"])
     record["elapsed_s"] = time.perf_counter() - started
     if "training_check" in record:

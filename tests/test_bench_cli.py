@@ -121,6 +121,18 @@ def test_profile_prints_each_backends_host_time_by_call(small_preset, tmp_path, 
     assert "host time by call" in json.loads(json_path.read_text())["profile"]
 
 
+def test_a_profiler_that_fails_costs_only_the_profile(small_preset, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("CUPTI is not available")
+
+    monkeypatch.setattr("benchmarks.runner.profile_tables", broken)
+    argv = ["--preset", small_preset, "--no-train-check", "--backends", "torch", "--profile"]
+    status, out = _run(capsys, *argv)
+    assert status == 0
+    assert "--profile failed: RuntimeError: CUPTI is not available" in out.out
+    assert "all backends agree with reference" in out.out
+
+
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(
     small_preset, broken_torch_backend, capsys
 ):
