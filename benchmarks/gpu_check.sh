@@ -34,8 +34,9 @@
 #     and a crash ends the stage with the crashing test named.
 #   fsam-bench (90 s, 57 used on an H200 before the captured-graph rows): the GPU presets
 #     (resnet18, vit_b16; fp32 and bf16), each backend eager and replayed from a CUDA graph,
-#     --e2e, and --profile (each backend's host time by call on resnet18). Triton's compile cache, TRITON_CACHE_DIR (default: a temp dir shared by the stages,
-#     removed at exit), hands the kernels the tests compiled over to the benchmark.
+#     --e2e, and --profile (each backend's host time by call on resnet18). Triton's compile
+#     cache, TRITON_CACHE_DIR (default: a temp dir shared by the stages, removed at exit), hands
+#     the kernels the tests compiled over to the benchmark.
 # Without a GPU (none listed by nvidia-smi, none seen by torch), the CPU fallback: no build,
 # no GPU tests, a quick fsam-bench on the CPU (300 s limit).
 #
