@@ -112,13 +112,6 @@ def run(
         e2e = run_e2e(backends, device, batch, e2e_budget, progress)
         record["e2e"] = {"batch": batch, "results": [r.as_dict() for r in e2e]}
         tables.append(e2e_table(e2e, batch))
-    if args.profile:
-        progress(f"profiling {presets[0]} on {', '.join(backends)}")
-        try:
-            record["profile"] = profile_tables(presets[0], backends, device, dtypes[0])
-        except Exception as exc:  # the profile is extra: a profiler that fails must not cost the tables
-            record["profile"] = f"--profile failed: {type(exc).__name__}: {exc}"
-        tables.append(record["profile"])
     record["elapsed_s"] = time.perf_counter() - started
     if "training_check" in record:
         tables.insert(0, _training_summary(record["training_check"]))
@@ -126,6 +119,15 @@ def run(
     text = "\n\n".join(tables) + f"\n\n{verdict}; {record['elapsed_s']:.0f} s\n"
     _write_outputs(args, record, results, text, device, progress)
     print(text, end="", flush=True)
+    # After the results are written and printed: a profiler that fails or hangs costs only itself.
+    if args.profile:
+        progress(f"profiling {presets[0]} on {', '.join(backends)}")
+        try:
+            record["profile"] = profile_tables(presets[0], backends, device, dtypes[0])
+        except Exception as exc:
+            record["profile"] = f"--profile failed: {type(exc).__name__}: {exc}"
+        print(f"\n{record['profile']}", flush=True)
+        _write_outputs(args, record, results, f"{text}\n{record['profile']}\n", device, progress)
     return 0 if agree else 1
 
 
