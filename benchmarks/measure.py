@@ -155,7 +155,7 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int | N
 def _cpu_peak_bytes(step: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
         (e.start_ns(), e.nbytes())
@@ -170,7 +170,7 @@ def _cpu_peak_bytes(step: Callable[[], None]) -> int:
 
 
 @contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
+def _quiet_native_stderr() -> Iterator[None]:
     """Silence the profiler's C++ start/stop chatter (and its CUDA probe on GPU-less hosts),
     which would otherwise interleave with the benchmark's table."""
     saved = os.dup(2)

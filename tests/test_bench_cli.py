@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fsam_fused
-from benchmarks import cli, presets, step_bench
+from benchmarks import cli, presets, profile_step, step_bench
 from benchmarks.digits import check_agreement
 from fsam_fused import FriendlySAM
 from fsam_fused.backends import foreach
@@ -121,16 +121,41 @@ def test_profile_prints_each_backends_host_time_by_call(small_preset, tmp_path, 
     assert "host time by call" in json.loads(json_path.read_text())["profile"]
 
 
-def test_a_profiler_that_fails_costs_only_the_profile(small_preset, monkeypatch, capsys):
+def test_a_profiler_that_fails_costs_only_the_profile(small_preset, monkeypatch, tmp_path, capsys):
     def broken(*args):
         raise RuntimeError("CUPTI is not available")
 
     monkeypatch.setattr("benchmarks.runner.profile_tables", broken)
+    json_path = tmp_path / "r.json"
     argv = ["--preset", small_preset, "--no-train-check", "--backends", "torch", "--profile"]
-    status, out = _run(capsys, *argv)
+    status, out = _run(capsys, *argv, "--json", str(json_path))
     assert status == 0
     assert "--profile failed: RuntimeError: CUPTI is not available" in out.out
     assert "all backends agree with reference" in out.out
+    record = json.loads(json_path.read_text())
+    assert record["step"] and record["profile"].startswith("--profile failed")
+
+
+def test_a_backend_that_fails_to_profile_costs_only_its_own_table(small_preset, monkeypatch):
+    monkeypatch.setattr(profile_step, "FriendlySAM", _fails_for_torch_backend)
+    text = profile_step.profile_tables(small_preset, ["native", "torch"], torch.device("cpu"), torch.float32)
+    assert f"{small_preset} float32 torch: host time by call over 10 steps: failed: RuntimeError" in text
+    assert f"{small_preset} float32 native: host time by call over 10 steps\n" in text
+
+
+def _fails_for_torch_backend(params, base, backend, **kwargs):
+    if backend == "torch":
+        raise RuntimeError("this backend cannot run here")
+    return FriendlySAM(params, base, backend=backend, **kwargs)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_profile_has_the_device_time(small_preset):
+    backends = cli.runnable_backends(torch.device("cuda"))
+    text = profile_step.profile_tables(small_preset, backends, torch.device("cuda"), torch.float32)
+    tables = text.split(": host time by call over")[1:]
+    assert len(tables) == len(backends) and "failed" not in text
+    assert all("CUDA" in table for table in tables)  # the device-time columns, whatever their exact names
 
 
 def test_backend_that_disagrees_is_failed_not_timed_and_exit_status_is_1(
