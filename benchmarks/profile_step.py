@@ -17,7 +17,7 @@ from fsam_fused import FriendlySAM
 
 from .measure import synchronize
 from .presets import parameter_shapes
-from .step_bench import FSAM_KWARGS, NoBaseStep, make_params
+from .step_bench import FSAM_KWARGS, NoBaseStep, make_params, run_steps
 
 PROFILED_STEPS = 10
 WARMUP_STEPS = 3
@@ -47,13 +47,9 @@ def profile_tables(preset: str, backends: list[str], device: torch.device, dtype
 
 def _profile(backend: str, params: list[torch.Tensor], device: torch.device, activities: list) -> str:
     opt = FriendlySAM(params, NoBaseStep, backend=backend, **FSAM_KWARGS)
-    for _ in range(WARMUP_STEPS):
-        opt.first_step()
-        opt.second_step()
+    run_steps(opt, WARMUP_STEPS)
     synchronize(device)
     with profile(activities=activities) as prof:
-        for _ in range(PROFILED_STEPS):
-            opt.first_step()
-            opt.second_step()
+        run_steps(opt, PROFILED_STEPS)
         synchronize(device)  # the device's work inside the window (its wait shows as a row)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=ROWS)

@@ -279,6 +279,13 @@ def run_preset(
     return results
 
 
+def run_steps(opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` whole steps of ``opt`` (``first_step`` then ``second_step``), as eager code runs them."""
+    for _ in range(steps):
+        opt.first_step()
+        opt.second_step()
+
+
 def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], None]:
     """``opt``'s whole step (``first_step`` + ``second_step``) recorded in a CUDA graph after
     warm-up steps on a side stream, as README's CUDA graphs section asks of a user; returns the
@@ -286,14 +293,11 @@ def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(CAPTURE_WARMUP):
-            opt.first_step()
-            opt.second_step()
+        run_steps(opt, CAPTURE_WARMUP)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        opt.first_step()
-        opt.second_step()
+        run_steps(opt, 1)
     return graph.replay
 
 
@@ -306,16 +310,13 @@ def check_replay(
     place for that step (and halved back), so the momentum moves: a graph that recorded stale
     addresses, no kernels, or no restore fails this. The parameters are put back whatever
     happens, since every row shares them."""
-    for _ in range(CAPTURE_WARMUP):
-        twin.first_step()
-        twin.second_step()
+    run_steps(twin, CAPTURE_WARMUP)
     params = [p for group in opt.param_groups for p in group["params"]]
     grads = [p.grad for p in params if p.grad is not None]
     before = [p.detach().clone() for p in params]
     torch._foreach_mul_(grads, 2.0)
     try:
-        twin.first_step()
-        twin.second_step()
+        run_steps(twin, 1)
         replay()
         restored = all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     finally:

@@ -92,9 +92,7 @@ def test_a_replay_is_checked_against_one_more_eager_step(replay):
         return FriendlySAM(params, step_bench.NoBaseStep, backend="torch", **step_bench.FSAM_KWARGS)
 
     opt, twin = optimizer(), optimizer()
-    for _ in range(step_bench.CAPTURE_WARMUP):  # what captured_step runs before it records
-        opt.first_step()
-        opt.second_step()
+    step_bench.run_steps(opt, step_bench.CAPTURE_WARMUP)  # what captured_step runs before it records
 
     before = [p.detach().clone() for p in params]
 
