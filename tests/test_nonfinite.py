@@ -109,6 +109,19 @@ def test_overflowing_squared_norm_counts_as_non_finite(backend):
     assert opt.skipped_steps == 1
 
 
+def test_adaptive_fisher_squared_direction_beyond_fp32_skips_whatever_the_parameter_dtype(backend):
+    # (a d)^2 = 2.5e49 overflows fp32, and so does Fisher's f = 1 + 0.1 g^2: the step is skipped
+    # (DESIGN.md 1), also where fp64 weights form the square in fp64 and f's overflow would hide it.
+    fp64 = [torch.float64] if backend in ("torch", "reference") else []  # (fp64 goes through those)
+    for dtype in [torch.float32, *fp64]:
+        p = torch.nn.Parameter(torch.tensor([0.5, 0.25], dtype=dtype))
+        opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, adaptive=True, fisher_eta=0.1, backend=backend)
+        before = p.detach().clone()
+        _full_step([p], opt, [torch.tensor([1e25, 0.0], dtype=dtype)], [torch.ones(2, dtype=dtype)])
+        assert torch.equal(p, before), dtype
+        assert opt.skipped_steps == 1, dtype
+
+
 @contextlib.contextmanager
 def _host_reads_forbidden():
     """Make every way of reading a tensor back to the host raise."""

@@ -57,9 +57,28 @@ def _pick(items: list[Tensor], positions: list[int]) -> list[Tensor]:
     return [items[i] for i in positions]
 
 
+def _scalars(plan: DevicePlan, values: Tensor) -> list[Tensor]:
+    """``values`` (fp32, one per tensor of the plan) as the per-tensor 0-dim device scalars the
+    foreach ops take: read on the device, never the host.
+
+    In eager mode they are the views of one row the plan keeps, made on its first step, into
+    which ``values`` is copied: making n views costs about a microsecond each on the CPU, four
+    times a step. The list is only valid until the next call (which rewrites the row); each op
+    that reads it is queued before then, and the device runs the copy after it."""
+    if torch.compiler.is_compiling():
+        return list(values.unbind())
+    cached = plan.cache.get(f"{name}.scalars")
+    if cached is None:
+        row = torch.empty(len(plan.params), dtype=torch.float32, device=plan.device)
+        cached = plan.cache[f"{name}.scalars"] = (row, list(row.unbind()))
+    row, views = cached
+    row.copy_(values)
+    return views
+
+
 def _column(plan: DevicePlan, column: int, positions: list[int]) -> list[Tensor]:
-    """Per-tensor 0-dim device scalars of one coef column: read on the device, never the host."""
-    return _pick(list(plan.coef[:, column].unbind()), positions)
+    """Per-tensor 0-dim device scalars of one coef column (see :func:`_scalars`)."""
+    return _pick(_scalars(plan, plan.coef[:, column]), positions)
 
 
 def _adaptive_weights(plan: DevicePlan, positions: list[int]) -> list[Tensor]:
@@ -99,7 +118,7 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         flat.mul_(plan.inv_scale)
     if plan.momentum is not None:
         # sigma is read from the device table, so a schedule needs no new CUDA graph.
-        torch._foreach_addcmul_(d, plan.momentum, list((-plan.coef[:, SIGMA]).unbind()))
+        torch._foreach_addcmul_(d, plan.momentum, _scalars(plan, -plan.coef[:, SIGMA]))
     norms = []
     for group, positions in plan.group_positions:
         d_group = _pick(d, positions)
@@ -108,9 +127,10 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         if plan.group_fisher[group]:
             # sqrt((a d)^2 / f), not a d / sqrt(f): a squared direction beyond fp32 makes the step
             # non-finite, as in SAM, also where f overflows too (the kernels form it the same way).
-            d_group = torch._foreach_sqrt(
-                torch._foreach_div(torch._foreach_mul(d_group, d_group), _fisher(plan, positions))
-            )
+            # With fp64 weights (fp64 parameters) the squares are fp64: in fp32 they overflow too.
+            squares = torch._foreach_mul(d_group, d_group)
+            squares = [s if s.dtype == torch.float32 else s.float() for s in squares]
+            d_group = torch._foreach_sqrt(torch._foreach_div(squares, _fisher(plan, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=plan.device)
@@ -134,8 +154,8 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
         lmbda, sigma = plan.coef[:, LMBDA], plan.coef[:, SIGMA]
         keep = torch.where(step_ok, lmbda + (1.0 - lmbda) * sigma, 1.0)
         take = (1.0 - lmbda) * step_ok
-        torch._foreach_mul_(plan.momentum, list(keep.unbind()))
-        torch._foreach_addcmul_(plan.momentum, d, list(take.unbind()))
+        torch._foreach_mul_(plan.momentum, _scalars(plan, keep))
+        torch._foreach_addcmul_(plan.momentum, d, _scalars(plan, take))
     for group, positions in plan.group_positions:
         d_group = _pick(d, positions)
         if plan.group_adaptive[group]:
@@ -146,7 +166,7 @@ def perturb_(plan: DevicePlan, total_sq_norm: Tensor) -> None:
             torch._foreach_div_(d_group, _fisher(plan, positions))
     if any(plan.group_fisher):  # f of a non-finite gradient is NaN, and d / NaN is NaN
         torch.where(step_ok, flat, flat.new_zeros(()), out=flat)
-    torch._foreach_addcmul_(plan.params, d, list((inv_norm * plan.coef[:, RHO]).unbind()))
+    torch._foreach_addcmul_(plan.params, d, _scalars(plan, inv_norm * plan.coef[:, RHO]))
 
 
 def restore_(plan: DevicePlan) -> None:
