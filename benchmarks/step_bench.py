@@ -286,7 +286,20 @@ def run_steps(opt: torch.optim.Optimizer, steps: int) -> None:
         opt.second_step()
 
 
-def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[[], None]:
+class CapturedStep:
+    """A recorded step, called to replay it. It holds the optimizer too: the graph reads and writes
+    the optimizer's buffers (momentum, backup, tables) at every replay, which the graph itself does
+    not keep alive, so a replay must not outlive them."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, optimizer: torch.optim.Optimizer) -> None:
+        self.graph = graph
+        self.optimizer = optimizer
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> CapturedStep:
     """``opt``'s whole step (``first_step`` + ``second_step``) recorded in a CUDA graph after
     warm-up steps on a side stream, as README's CUDA graphs section asks of a user; returns the
     replay. Its time against the eager step's is the host work a replay does not repeat."""
@@ -298,7 +311,7 @@ def captured_step(opt: torch.optim.Optimizer, device: torch.device) -> Callable[
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run_steps(opt, 1)
-    return graph.replay
+    return CapturedStep(graph, opt)
 
 
 def check_replay(

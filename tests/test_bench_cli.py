@@ -1,6 +1,9 @@
 """fsam-bench end to end on a small preset: arguments, outputs, and the correctness gate."""
 
+import contextlib
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -223,3 +226,32 @@ def test_unknown_variant_is_a_usage_error(capsys):
         _run(capsys, "--variant", "sharpest")
     assert exit_info.value.code == 2
     assert "--variant" in capsys.readouterr().err
+
+
+def test_a_captured_step_keeps_its_optimizer_alive_while_it_can_be_replayed(monkeypatch):
+    # The graph reads and writes the optimizer's buffers at each replay; the bench keeps only the
+    # replay of each row, so the replay must hold the optimizer. (CUDA faked: only ownership is checked.)
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    params = step_bench.make_params([(4, 3), (5,)], torch.device("cpu"), torch.float32, seed=0)
+    opt = FriendlySAM(params, step_bench.NoBaseStep, backend="torch", **step_bench.FSAM_KWARGS)
+    alive = weakref.ref(opt)
+    replay = step_bench.captured_step(opt, torch.device("cpu"))
+    del opt
+    gc.collect()
+    assert alive() is not None
+    replay()
+    del replay
+    gc.collect()
+    assert alive() is None
