@@ -17,6 +17,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def cuda_context_lost() -> bool:
+    """Whether this process's CUDA context is poisoned (a sticky error such as an illegal address:
+    every later CUDA call fails with it). Asked after a failed test only."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return False
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Under pytest-xdist (benchmarks/gpu_check.sh), a worker whose CUDA context a test poisoned
+    # exits, and xdist replaces it: otherwise every later test in that worker fails the same way.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and os.environ.get("PYTEST_XDIST_WORKER") and cuda_context_lost():
+        os._exit(3)
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Each backend that runs on CPU tensors here: reference, native, torch, and triton in a

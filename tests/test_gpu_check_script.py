@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -332,3 +335,26 @@ def test_an_earlier_runs_results_do_not_survive_a_run_that_writes_none(tmp_path)
     run = run_check(tmp_path, benchmarks=1, bench_writes=False)
     assert run.returncode == 1
     assert not (run.out / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "available, initialized, synchronize_fails, lost",
+    [
+        (False, False, False, False),
+        (True, False, True, False),
+        (True, True, False, False),
+        (True, True, True, True),
+    ],
+)
+def test_a_worker_knows_when_its_cuda_context_is_poisoned(
+    monkeypatch, available, initialized, synchronize_fails, lost
+):
+    # (conftest's hook exits an xdist worker whose context a failed test poisoned, so it is replaced.)
+    def synchronize():
+        if synchronize_fails:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    assert conftest.cuda_context_lost() is lost
