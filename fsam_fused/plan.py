@@ -68,6 +68,7 @@ class DevicePlan:
         parameter's shape and strides.
       grad_list(): this step's gradients, laid out like the parameters (valid between the
         optimizer's attach and release, i.e. inside ``first_step``).
+      grad_addresses(): their data addresses, without a tensor object per gradient.
       positions: each tensor's index in the optimizer's parameter order (the scan's order).
       slot_list, group_list: host copies of ``slots`` and ``group_of``.
       table_rows: how many rows a group table needs for this plan (one past its largest group index).
@@ -124,6 +125,15 @@ class DevicePlan:
             assert self.source is not None, "gradients are only available inside first_step"
             self.grads = self.source.grads(self.positions)
         return self.grads
+
+    def grad_addresses(self) -> list[int]:
+        """The data addresses of :meth:`grad_list`, in plan order. From the scan, which knows them,
+        unless the gradients were handed over already: a tensor object for each gradient costs
+        about a microsecond, which a step over many small tensors pays once per tensor."""
+        if self.grads is None:
+            assert self.source is not None, "gradients are only available inside first_step"
+            return self.source.grad_addresses(self.positions)
+        return [g.data_ptr() for g in self.grads]
 
     def attach(
         self,

@@ -38,6 +38,8 @@ class Scan(Protocol):
 
     def grads(self, positions: Sequence[int]) -> list[Tensor | None]: ...
 
+    def grad_addresses(self, positions: Sequence[int]) -> list[int]: ...
+
     def release(self) -> None: ...
 
     def watch(self, tensors: list[Tensor]) -> None: ...
@@ -89,6 +91,10 @@ class PythonScan:
     def grads(self, positions: Sequence[int]) -> list[Tensor | None]:
         """This step's (local, parameter-laid-out) gradients at ``positions``; None where absent."""
         return [self._grads[i] for i in positions]
+
+    def grad_addresses(self, positions: Sequence[int]) -> list[int]:
+        """The data addresses of :meth:`grads` (0 where absent), without the tensors."""
+        return [g.data_ptr() if g is not None else 0 for g in self.grads(positions)]
 
     def release(self) -> None:
         """Drop the references to this step's gradients."""

@@ -69,13 +69,12 @@ class PlanArrays:
             offset += chunks
         self.partials = torch.empty(offset, dtype=torch.float32, device=device)
 
-    def use_grads(self, grads: list[Tensor]) -> None:
-        """Point the table at ``grads``; uploads only when an address changed.
+    def use_grads(self, current: list[int]) -> None:
+        """Point the table at the gradients at addresses ``current``; uploads only when one changed.
 
         Only addresses are kept, never the tensors: the optimizer holds no gradient after
         the step that used it.
         """
-        current = addresses(grads)
         # Once a step was recorded into a CUDA graph, each replay writes the recorded
         # addresses into the table behind the host's back, so from then on every eager
         # step uploads its own rather than trusting the host's record.

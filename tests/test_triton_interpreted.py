@@ -161,12 +161,12 @@ def test_after_a_graph_capture_every_eager_step_uploads_its_gradient_addresses(m
     recorded = [t.clone() for t in grads]
 
     monkeypatch.setattr(plan_arrays, "capturing", lambda device: True)
-    arrays.use_grads(recorded)  # the step recorded into the graph
+    arrays.use_grads([t.data_ptr() for t in recorded])  # the step recorded into the graph
     monkeypatch.setattr(plan_arrays, "capturing", lambda device: False)
-    arrays.use_grads(list(grads))  # an eager step
+    arrays.use_grads(eager)  # an eager step
     assert grad_row.tolist() == eager
     grad_row.copy_(torch.tensor([t.data_ptr() for t in recorded]))  # what a replay does
-    arrays.use_grads(list(grads))  # the next eager step, at the same addresses
+    arrays.use_grads(eager)  # the next eager step, at the same addresses
     assert grad_row.tolist() == eager
 
 

@@ -27,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
       // them within the same call, NativeLists::first_pass.)
       .def("scan", [](ParamScan& scan, const py::list& param_lists) { return scan.scan(param_lists); }, py::arg("param_lists"))
       .def("grads", &ParamScan::grads, py::arg("positions"))
+      .def("grad_addresses", &ParamScan::grad_addresses_at, py::arg("positions"))
       .def("release", &ParamScan::release)
       .def("watch", &ParamScan::watch, py::arg("tensors"));
   m.def("zero_grads", &fsam_fused::host::zero_grads, py::arg("param_lists"));

@@ -183,6 +183,7 @@ bool ParamScan::scan(const py::list& param_lists, bool hold) {
   }
   holds_grads_ = holds || python_may_have_run_;
   finished_ = true;
+  released_ = false;
   if (changed) {
     ++generation_;
   }
@@ -201,6 +202,17 @@ std::vector<std::optional<at::Tensor>> ParamScan::grads(const std::vector<int64_
     TORCH_CHECK(pos >= 0 && pos < static_cast<int64_t>(entries_.size()), "ParamScan: position out of range");
     const at::Tensor& g = entries_[pos].grad;
     out.push_back(g.defined() ? std::optional<at::Tensor>(g) : std::nullopt);
+  }
+  return out;
+}
+
+std::vector<int64_t> ParamScan::grad_addresses_at(const std::vector<int64_t>& positions) const {
+  TORCH_CHECK(finished_ && !released_, "ParamScan.grad_addresses: no finished scan since the last release()");
+  std::vector<int64_t> out;
+  out.reserve(positions.size());
+  for (int64_t pos : positions) {
+    TORCH_CHECK(pos >= 0 && pos < static_cast<int64_t>(grad_addresses_.size()), "ParamScan: position out of range");
+    out.push_back(reinterpret_cast<int64_t>(grad_addresses_[pos]));
   }
   return out;
 }
@@ -227,6 +239,7 @@ void ParamScan::release() {
     holds_grads_ = false;
   }
   std::fill(grad_addresses_.begin(), grad_addresses_.end(), nullptr);
+  released_ = true;
 }
 
 void zero_grads(const py::list& param_lists) {

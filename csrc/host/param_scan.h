@@ -92,6 +92,13 @@ class ParamScan {
   // This step's gradients (laid out like their parameters) at `positions`; nullopt where none.
   std::vector<std::optional<at::Tensor>> grads(const std::vector<int64_t>& positions) const;
 
+  // The addresses the last scan recorded for the gradients at `positions`: the gradient's data,
+  // or the scan's copy of it in its parameter's layout; 0 where there is none or it is not
+  // strided. For a caller that needs only where they are, without a tensor object per gradient;
+  // raises after release() or a scan that raised. (Signed, as the int64 tables that hold them:
+  // the same values as Python's data_ptr() for user-space addresses, below 2^63.)
+  std::vector<int64_t> grad_addresses_at(const std::vector<int64_t>& positions) const;
+
   // The gradient of the parameter at `position`, which must have one.
   const at::Tensor& grad(int64_t position) const;
 
@@ -158,6 +165,7 @@ class ParamScan {
   std::vector<const void*> grad_addresses_;
   bool holds_grads_ = false;  // some entry's `grad` is defined (so release() has work)
   bool finished_ = true;  // false while a scan runs, and after one that raised
+  bool released_ = true;  // no scan yet, or release() since the last
   bool python_may_have_run_ = false;
   uint64_t id_;
   uint64_t generation_ = 0;

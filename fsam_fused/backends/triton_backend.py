@@ -3,7 +3,8 @@
 The kernels live in ``kernels/`` (installed as ``fsam_fused.kernels``). Per plan this
 module keeps a :class:`~fsam_fused.kernels.PlanArrays` in ``plan.cache["triton"]``:
 the address table and block maps are built on the first step, and afterwards the only
-per-step host work is comparing the gradients' addresses with the previous step's.
+per-step host work is comparing the gradients' addresses (from the scan, no tensor object per
+gradient) with the previous step's.
 
 The gradients' addresses are checked in ``sq_norm``, which the optimizer always runs
 before ``perturb_`` in the same step. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set
@@ -47,7 +48,7 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 def sq_norm(plan: DevicePlan) -> Tensor:
     """``sum ||a * d||^2`` over the plan, as an fp32 0-dim tensor on its device."""
     arrays = _arrays(plan)
-    arrays.use_grads(plan.grad_list())
+    arrays.use_grads(plan.grad_addresses())
     out = torch.empty((), dtype=torch.float32, device=plan.device)
     with _on(plan.device):
         kernels.sq_norm(arrays, _coef(plan), plan.inv_scale, out)
