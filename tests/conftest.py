@@ -29,13 +29,23 @@ def cuda_context_lost() -> bool:
     return False
 
 
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    # Under pytest-xdist (benchmarks/gpu_check.sh), a worker whose CUDA context a test poisoned
-    # exits, and xdist replaces it: otherwise every later test in that worker fails the same way.
     outcome = yield
-    report = outcome.get_result()
-    if report.failed and os.environ.get("PYTEST_XDIST_WORKER") and cuda_context_lost():
+    if outcome.get_result().failed:
+        item.stash[_FAILED] = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # Under pytest-xdist (benchmarks/gpu_check.sh), a worker whose CUDA context a failed test
+    # poisoned exits, and xdist replaces it: otherwise every later test in that worker fails the
+    # same way. Only once the test's reports (its traceback) have gone to the controller.
+    yield
+    if item.stash.get(_FAILED, False) and os.environ.get("PYTEST_XDIST_WORKER") and cuda_context_lost():
         os._exit(3)
 
 

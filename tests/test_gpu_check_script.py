@@ -9,6 +9,7 @@ a second, and any stage can fail or hang.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import shutil
@@ -358,3 +359,35 @@ def test_a_worker_knows_when_its_cuda_context_is_poisoned(
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     assert conftest.cuda_context_lost() is lost
+
+
+@pytest.mark.parametrize("under_xdist", [True, False], ids=["xdist_worker", "plain"])
+def test_a_worker_whose_cuda_context_a_failed_test_lost_exits_after_sending_its_report(tmp_path, under_xdist):
+    # The report (with the traceback) goes to xdist's controller at logreport; the exit comes after.
+    (tmp_path / "conftest.py").write_text(
+        "import tests.conftest as ours\n"
+        "from tests.conftest import pytest_runtest_makereport, pytest_runtest_protocol\n"
+        "ours.cuda_context_lost = lambda: True\n"
+        "def pytest_runtest_logreport(report):\n"
+        "    if report.when == 'call':\n"
+        "        with open('reports.txt', 'a') as f:\n"
+        "            f.write(report.nodeid + ' ' + report.outcome + '\\n')\n"
+    )
+    (tmp_path / "test_demo.py").write_text(
+        "def test_poisons():\n    raise RuntimeError('illegal address')\n\ndef test_after():\n    pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+    env["PYTHONPATH"] = str(ROOT)
+    if under_xdist:
+        env["PYTEST_XDIST_WORKER"] = "gw0"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_demo.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    reports = (tmp_path / "reports.txt").read_text().splitlines()
+    if under_xdist:
+        assert run.returncode == 3, run.stdout + run.stderr
+        assert reports == ["test_demo.py::test_poisons failed"]
+    else:
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert reports == ["test_demo.py::test_poisons failed", "test_demo.py::test_after passed"]

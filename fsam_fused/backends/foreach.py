@@ -18,6 +18,8 @@ restore (8).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,8 @@ from ..state import view_like
 
 name = "torch"
 device_types = None  # every device torch supports
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -127,9 +131,10 @@ def sq_norm(plan: DevicePlan) -> Tensor:
         if plan.group_fisher[group]:
             # sqrt((a d)^2 / f), not a d / sqrt(f): a squared direction beyond fp32 makes the step
             # non-finite, as in SAM, also where f overflows too (the kernels form it the same way).
-            # With fp64 weights (fp64 parameters) the squares are fp64: in fp32 they overflow too.
             squares = torch._foreach_mul(d_group, d_group)
-            squares = [s if s.dtype == torch.float32 else s.float() for s in squares]
+            for s in squares:
+                if s.dtype != torch.float32:  # fp64 weights: the square beyond fp32 overflows as in fp32
+                    s.masked_fill_(s > _FP32_MAX, math.inf)
             d_group = torch._foreach_sqrt(torch._foreach_div(squares, _fisher(plan, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
