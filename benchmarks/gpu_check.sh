@@ -31,7 +31,9 @@
 #     Through pytest-xdist, -n 1: the tests run in one worker process, replaced when a test
 #     kills it, so a test that crashes the interpreter fails alone and the others still run
 #     (the first GPU run lost half its tests to one segfault); without xdist the log says so,
-#     and a crash ends the stage with the crashing test named.
+#     and a crash ends the stage with the crashing test named. A failed test that leaves the
+#     CUDA context poisoned ends its worker too (tests/conftest.py), so it is listed twice: its
+#     own failure with the traceback, then "worker crashed while running" it.
 #   fsam-bench (90 s, 57 used on an H200 before the captured-graph rows): the GPU presets
 #     (resnet18, vit_b16; fp32 and bf16), each backend eager and replayed from a CUDA graph,
 #     --e2e, and --profile (each backend's host time by call on resnet18). Triton's compile

@@ -43,7 +43,8 @@ def pytest_runtest_makereport(item, call):
 def pytest_runtest_protocol(item, nextitem):
     # Under pytest-xdist (benchmarks/gpu_check.sh), a worker whose CUDA context a failed test
     # poisoned exits, and xdist replaces it: otherwise every later test in that worker fails the
-    # same way. Only once the test's reports (its traceback) have gone to the controller.
+    # same way. Only once the test's reports (its traceback) have gone to the controller, which
+    # then also lists the test as the one the worker crashed in.
     yield
     if item.stash.get(_FAILED, False) and os.environ.get("PYTEST_XDIST_WORKER") and cuda_context_lost():
         os._exit(3)

@@ -374,10 +374,11 @@ def test_a_worker_whose_cuda_context_a_failed_test_lost_exits_after_sending_its_
         "            f.write(report.nodeid + ' ' + report.outcome + '\\n')\n"
     )
     (tmp_path / "test_demo.py").write_text(
+        "def test_before():\n    pass\n\n"
         "def test_poisons():\n    raise RuntimeError('illegal address')\n\ndef test_after():\n    pass\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS")}
+    env.update(PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     if under_xdist:
         env["PYTEST_XDIST_WORKER"] = "gw0"
     run = subprocess.run(
@@ -387,7 +388,11 @@ def test_a_worker_whose_cuda_context_a_failed_test_lost_exits_after_sending_its_
     reports = (tmp_path / "reports.txt").read_text().splitlines()
     if under_xdist:
         assert run.returncode == 3, run.stdout + run.stderr
-        assert reports == ["test_demo.py::test_poisons failed"]
+        assert reports == ["test_demo.py::test_before passed", "test_demo.py::test_poisons failed"]
     else:
         assert run.returncode == 1, run.stdout + run.stderr
-        assert reports == ["test_demo.py::test_poisons failed", "test_demo.py::test_after passed"]
+        assert reports == [
+            "test_demo.py::test_before passed",
+            "test_demo.py::test_poisons failed",
+            "test_demo.py::test_after passed",
+        ]
