@@ -73,10 +73,8 @@ class PlanArrays:
         """Point the table at the gradients at addresses ``current``; uploads only when one changed.
 
         Only addresses are kept, never the tensors: the optimizer holds no gradient after
-        the step that used it. A 0 (a tensor without a gradient) raises: the kernels would read it.
+        the step that used it.
         """
-        if 0 in current:
-            raise RuntimeError("PlanArrays.use_grads: a plan's tensor has no gradient this step")
         # Once a step was recorded into a CUDA graph, each replay writes the recorded
         # addresses into the table behind the host's back, so from then on every eager
         # step uploads its own rather than trusting the host's record.

@@ -33,13 +33,3 @@ def test_grad_addresses_are_those_of_the_gradients_the_scan_hands_out(implementa
     scan.release()
     with pytest.raises((RuntimeError, IndexError)):  # no stale addresses once released
         scan.grad_addresses(positions)
-
-
-def test_the_triton_table_refuses_a_missing_gradient_address():
-    pytest.importorskip("triton")
-    from fsam_fused.kernels.plan_arrays import PlanArrays
-
-    params = [torch.randn(5), torch.randn(3)]
-    arrays = PlanArrays(params, [torch.randn(5), torch.randn(3)], None, [p.clone() for p in params])
-    with pytest.raises(RuntimeError, match="no gradient"):
-        arrays.use_grads([params[0].data_ptr(), 0])
