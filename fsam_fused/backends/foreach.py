@@ -81,6 +81,17 @@ def _scalars(plan: DevicePlan, values: Tensor) -> list[Tensor]:
     return views
 
 
+def _has_fp64(plan: DevicePlan) -> bool:
+    """Whether the plan holds fp64 parameters (kept in eager mode: a step's loop over the tensors
+    is what this backend's fp32 plans never pay; traced code, which asks once, keeps nothing)."""
+    if torch.compiler.is_compiling():
+        return any(p.dtype == torch.float64 for p in plan.params)
+    has = plan.cache.get(f"{name}.has_fp64")
+    if has is None:
+        has = plan.cache[f"{name}.has_fp64"] = any(p.dtype == torch.float64 for p in plan.params)
+    return has
+
+
 def _column(plan: DevicePlan, column: int, positions: list[int]) -> list[Tensor]:
     """Per-tensor 0-dim device scalars of one coef column (see :func:`_scalars`)."""
     return _pick(_scalars(plan, plan.coef[:, column]), positions)
@@ -134,9 +145,10 @@ def sq_norm(plan: DevicePlan) -> Tensor:
             # sqrt((a d)^2 / f), not a d / sqrt(f): a squared direction beyond fp32 makes the step
             # non-finite, as in SAM, also where f overflows too (the kernels form it the same way).
             squares = torch._foreach_mul(d_group, d_group)
-            for s in squares:
-                if s.dtype != torch.float32:  # fp64 weights: the square beyond fp32 overflows as in fp32
-                    s.masked_fill_(s > _FP32_MAX, math.inf)
+            if _has_fp64(plan):  # fp64 weights form fp64 squares: beyond fp32 they overflow as in fp32
+                for s in squares:
+                    if s.dtype == torch.float64:
+                        s.masked_fill_(s > _FP32_MAX, math.inf)
             d_group = torch._foreach_sqrt(torch._foreach_div(squares, _fisher(plan, positions)))
         norms.extend(torch._foreach_norm(d_group))
     if not norms:
