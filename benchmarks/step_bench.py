@@ -11,7 +11,8 @@ captured it (rows named ``<backend> graph``): what the eager step costs beyond i
 Each backend runs each requested SAM variant (:data:`VARIANTS`), and PyTorch's own
 ``SGD(foreach=True)`` and ``AdamW(fused=True)`` steps are timed beside them on the same
 tensors as anchors (:data:`ANCHORS`): on a preset of many tiny tensors, step time minus
-the bytes floor is host work, and theirs is the per-tensor overhead to beat.
+the bytes floor is host work, and theirs is the per-tensor overhead to beat. A third anchor
+times the no-op base optimizer's own step, the part of every row's time that is torch.optim's.
 """
 
 from __future__ import annotations
@@ -51,12 +52,6 @@ PLAIN_STEP: dict[str, str] = {"fisher": "fsam", "asam": "fsam", "asam_eta": "asa
 # named after the backend with this suffix.
 CAPTURED = " graph"
 CAPTURE_WARMUP = 3  # eager steps on a side stream before the capture, as README's CUDA graphs section asks
-# PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
-# bytes they move per element in units of the parameter's element size.
-ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {
-    "torch SGD foreach": (torch.optim.SGD, dict(lr=0.0, momentum=0.9, foreach=True), 5),  # p g buf / p buf
-    "torch AdamW fused": (torch.optim.AdamW, dict(lr=0.0, fused=True), 7),  # p g m v / p m v
-}
 
 
 class NoBaseStep(torch.optim.Optimizer):
@@ -73,6 +68,17 @@ class NoBaseStep(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         return None
+
+
+# PyTorch's own optimizers, timed on the same tensors (lr 0 leaves them unchanged), with the
+# bytes they move per element in units of the parameter's element size. The no-op is what
+# every eager SAM row's second_step spends calling its base optimizer: torch.optim's step wrapper
+# (profiler range, hooks) around nothing, a fixed cost that any optimizer's step pays too.
+ANCHORS: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, Any], int]] = {
+    "torch SGD foreach": (torch.optim.SGD, dict(lr=0.0, momentum=0.9, foreach=True), 5),  # p g buf / p buf
+    "torch AdamW fused": (torch.optim.AdamW, dict(lr=0.0, fused=True), 7),  # p g m v / p m v
+    "torch no-op step": (NoBaseStep, {}, 0),
+}
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_step_benchmark_writes_table_json_and_png(small_preset, tmp_path, capsys
     assert "all backends agree with reference" in out.out
     record = json.loads(json_path.read_text())
     rows = {(r["dtype"], r["backend"]): r for r in record["step"]}
-    anchors = ("torch SGD foreach", "torch AdamW fused")
+    anchors = ("torch SGD foreach", "torch AdamW fused", "torch no-op step")
     assert set(rows) == {(d, b) for d in ("float32", "bfloat16") for b in ("reference", "torch", *anchors)}
     for d in ("float32", "bfloat16"):  # PyTorch's own optimizers, timed beside ours on the same tensors
         assert all(
