@@ -102,7 +102,8 @@ class FriendlySAM(torch.optim.Optimizer):
         sam_interval: take the two-pass SAM step every ``sam_interval``-th step and a
             :meth:`plain_step` (one forward/backward) on the others; :meth:`step` does this
             itself, a hand-written loop asks :attr:`sam_due`. 1 (the default) is SAM every step.
-        eps: added to the global norm before dividing.
+        norm_eps: added to the global norm before dividing (the authors' code adds 1e-12). Not
+            ``eps``: that one goes to the base optimizer, as in the authors' class (AdamW's eps).
         backend: ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` or ``"reference"``.
         process_group: for parameters split over ranks as plain tensors (each element on
             one rank), the group whose ranks hold the parts: the squared norm is summed
@@ -132,7 +133,7 @@ class FriendlySAM(torch.optim.Optimizer):
         adaptive_eta: float = 0.0,
         fisher_eta: float = 0.0,
         sam_interval: int = 1,
-        eps: float = 1e-12,
+        norm_eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         replica_group: dist.ProcessGroup | None = None,
@@ -151,8 +152,9 @@ class FriendlySAM(torch.optim.Optimizer):
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (it is "
                 f"built on this optimizer's param groups), got {base_optimizer!r}"
             )
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        finite_number = isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool)
+        if not finite_number or not 0 < norm_eps < float("inf"):
+            raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
         check_values("", rho, sigma, lmbda, adaptive, adaptive_eta, fisher_eta)
         self._base_built = False
         defaults = dict(
@@ -171,7 +173,7 @@ class FriendlySAM(torch.optim.Optimizer):
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self._base_built = True
-        self.eps = float(eps)
+        self.eps = float(norm_eps)  # (the attribute keeps its name: pickles of earlier releases hold it)
         self.sam_interval = int(sam_interval)
         self.process_group = process_group
         self.replica_group = replica_group
@@ -236,7 +238,16 @@ class FriendlySAM(torch.optim.Optimizer):
                 "add the group before first_step() or after second_step()"
             )
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        if isinstance(params, set):  # (as torch.optim refuses it: the order would change between runs)
+            raise TypeError("param_group['params'] must be an ordered collection (a list), not a set")
+        # A list from here on: a generator read once here would reach the base optimizer empty.
+        params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            # (torch.optim only warns: here the second copy's backup would be the perturbed value,
+            # so second_step would leave part of the perturbation in the parameter.)
+            raise ValueError(
+                "param_group['params'] holds a parameter more than once; list each parameter once"
+            )
         for p in params:
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError("complex parameters are not supported: split them with torch.view_as_real")
@@ -252,7 +263,8 @@ class FriendlySAM(torch.optim.Optimizer):
             super().add_param_group(param_group)
 
     def _main_device(self) -> torch.device:
-        return self._groups_ref.groups[0]["params"][0].device
+        """The device of the first parameter (of the first group that has one)."""
+        return next(p for group in self._groups_ref.groups for p in group["params"]).device
 
     def _group_rows(self) -> tuple[Row, ...]:
         return self._checked_rows.rows(self.param_groups)
@@ -329,6 +341,14 @@ class FriendlySAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
+            )
+        if (grad_scaler is not None) != self._pending.momentum_saved:
+            # (Without the scaler here the base step would take still-scaled gradients; with one
+            # that first_step did not have, momentum took scaled ones and no copy was saved.)
+            given, first = ("a", "none") if grad_scaler is not None else ("no", "one")
+            raise ValueError(
+                f"second_step() got {given} grad_scaler but first_step() got {first}: pass the same "
+                "GradScaler to both (abort_step() puts the parameters back)"
             )
         self._complete(zero_grad, grad_scaler)
 
@@ -591,7 +611,13 @@ class FriendlySAM(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Our state (``momentum`` per parameter), the param groups, and the base optimizer's state."""
-        if self._planner.flat.location and not self._pending.perturbed:
+        if self._pending.perturbed:
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step() is not supported: the parameters "
+                "are at their perturbed point, so a checkpoint of the model taken now would not resume "
+                "the run; save after second_step() (or call abort_step() first)"
+            )
+        if self._planner.flat.location:
             self._sync_state()  # edits of optimizer.state since the last step
         state_dict = super().state_dict()
         state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
@@ -703,7 +729,7 @@ class SAM(FriendlySAM):
         adaptive_eta: float = 0.0,
         fisher_eta: float = 0.0,
         sam_interval: int = 1,
-        eps: float = 1e-12,
+        norm_eps: float = 1e-12,
         backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         replica_group: dist.ProcessGroup | None = None,
@@ -719,7 +745,7 @@ class SAM(FriendlySAM):
             adaptive_eta=adaptive_eta,
             fisher_eta=fisher_eta,
             sam_interval=sam_interval,
-            eps=eps,
+            norm_eps=norm_eps,
             backend=backend,
             process_group=process_group,
             replica_group=replica_group,

@@ -21,8 +21,8 @@ def _param():
         (dict(sigma=-1.0), ValueError, "sigma"),
         (dict(lmbda=1.5), ValueError, "lmbda"),
         (dict(lmbda=-0.1), ValueError, "lmbda"),
-        (dict(eps=0.0), ValueError, "eps"),
-        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(norm_eps=0.0), ValueError, "norm_eps"),
+        (dict(norm_eps=-1e-8), ValueError, "norm_eps"),
         (dict(rho="0.1"), TypeError, "rho"),
         (dict(adaptive=1), TypeError, "adaptive"),
         (dict(backend="cuda-magic"), ValueError, "backend"),
@@ -198,3 +198,39 @@ def test_a_closure_that_runs_no_backward_is_refused_and_the_parameters_restored(
     with pytest.raises(RuntimeError, match="ran no backward"):
         opt.step(lambda: (p * p).sum())
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("scaler_in", ["first_step", "second_step"])
+def test_a_grad_scaler_given_to_one_pass_only_is_refused_and_abort_step_restores(scaler_in):
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    before = p.detach().clone()
+    scaler.scale(p.sum()).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler if scaler_in == "first_step" else None)
+    scaler.scale(p.sum()).backward()
+    with pytest.raises(ValueError, match="same GradScaler to both"):
+        opt.second_step(grad_scaler=scaler if scaler_in == "second_step" else None)
+    assert not torch.equal(p, before)  # nothing done: still at the perturbed point
+    opt.abort_step()
+    assert torch.equal(p, before)
+
+
+def test_state_dict_between_the_passes_is_refused():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    p.grad = torch.randn(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) between first_step\(\) and second_step\(\)"):
+        opt.state_dict()
+    opt.second_step()
+    assert opt.state_dict()["fsam_fused"]["steps_taken"] == 1
+
+
+@pytest.mark.parametrize("cls", [FriendlySAM, SAM])
+def test_eps_goes_to_the_base_optimizer_as_in_the_authors_class(cls):
+    opt = cls([_param()], torch.optim.AdamW, lr=1e-3, eps=1e-6, norm_eps=1e-9)
+    assert opt.base_optimizer.param_groups[0]["eps"] == 1e-6
+    assert opt.eps == 1e-9  # the norm's
+    with pytest.raises(TypeError, match="eps"):  # SGD has no eps: its own error, not a silent use
+        cls([_param()], torch.optim.SGD, lr=0.1, eps=1e-6)

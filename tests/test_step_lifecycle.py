@@ -197,6 +197,7 @@ def test_replaced_state_mapping_restarts_the_momentum_like_the_authors_optimizer
     opt.first_step()
     torch.testing.assert_close(p.detach() - before, 0.5 * g / 5.0)  # plain SAM: no momentum
     torch.testing.assert_close(opt.state[p]["momentum"], g)
+    opt.second_step()  # (a checkpoint is taken between steps: state_dict() refuses one mid-step)
     saved = opt.state_dict()["state"][0]
     torch.testing.assert_close(saved["momentum"], g)
 
