@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm import running_stats_frozen
-from .distributed import PER_WORKER, SYNC, first_pass
+from .distributed import PER_WORKER, SYNC, check_mode, first_pass
 from .optimizer import FriendlySAM
 
 
@@ -37,7 +37,9 @@ def accumulated_step(
     freeze_running_stats: bool = True,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:
-    """One F-SAM (or SAM) step over ``micro_batches``, accumulating both passes' gradients.
+    """One F-SAM (or SAM) step over ``micro_batches``, accumulating both passes' gradients; or,
+    on the steps between SAM steps of an optimizer with ``sam_interval > 1`` (see its ``sam_due``),
+    one pass and its ``plain_step``.
 
     Starts from zero gradients (it calls ``optimizer.zero_grad()``) and leaves them zeroed.
     ::
@@ -72,8 +74,13 @@ def accumulated_step(
         )
     if not micro_batches:
         raise ValueError("micro_batches is empty; pass at least one micro-batch")
+    check_mode(mode)
     optimizer.zero_grad()
-    with first_pass(model, mode):  # validates mode; per-worker: the whole pass stays local
+    if not optimizer.sam_due:  # (sam_interval > 1) one pass, and the base step on its gradient
+        loss = _accumulate(model, micro_batches, loss_of, grad_scaler, sync_last=True)
+        optimizer.plain_step(zero_grad=True, grad_scaler=grad_scaler)
+        return loss
+    with first_pass(model, mode):  # per-worker: the whole pass stays local
         loss = _accumulate(model, micro_batches, loss_of, grad_scaler, sync_last=mode != PER_WORKER)
     optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
     frozen = running_stats_frozen(model) if freeze_running_stats else contextlib.nullcontext()

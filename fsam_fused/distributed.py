@@ -127,6 +127,12 @@ def all_reduce_sum_(total: Tensor, groups: Iterable[dist.ProcessGroup]) -> Tenso
     return total
 
 
+def check_mode(mode: str) -> None:
+    """Refuse a perturbation mode other than ``"sync"`` and ``"per_worker"``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
 @contextlib.contextmanager
 def first_pass(model: torch.nn.Module, mode: str) -> Iterator[None]:
     """Run the first forward and backward of a SAM step for the chosen perturbation mode.
@@ -145,8 +151,7 @@ def first_pass(model: torch.nn.Module, mode: str) -> Iterator[None]:
         mode: ``"per_worker"`` (each rank perturbs with its own gradient: ``no_sync``) or
             ``"sync"`` (gradients all-reduced first: one perturbation on every rank).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     if mode == SYNC:
         yield
         return

@@ -53,12 +53,20 @@ def _batches() -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def _optimizer(model: nn.Module, backend: str) -> FriendlySAM:
+def _optimizer(model: nn.Module, backend: str, sam_interval: int = 1) -> FriendlySAM:
     """Two groups, one adaptive, rho large enough that a wrong perturbation shows."""
     params = list(model.parameters())
     groups = [dict(params=params[:2], adaptive=True, rho=0.4), dict(params=params[2:])]
     return FriendlySAM(
-        groups, torch.optim.SGD, rho=0.3, lmbda=0.6, lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend
+        groups,
+        torch.optim.SGD,
+        rho=0.3,
+        lmbda=0.6,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-2,
+        backend=backend,
+        sam_interval=sam_interval,
     )
 
 
@@ -111,6 +119,31 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(backend, freeze):
         for i, (a, b) in enumerate(zip(got[key], want, strict=True)):
             torch.testing.assert_close(a, b, **FP64, msg=lambda m, key=key, i=i: f"{key}[{i}]: {m}")
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected_losses), **FP64)
+
+
+def test_with_sam_interval_plain_steps_come_between_the_sam_steps(backend):
+    def train(accumulated: bool) -> dict[str, list[Tensor]]:
+        model = _model()
+        opt = _optimizer(model, backend, sam_interval=2)
+        for x, y in _batches():
+            if accumulated:
+                micro = list(zip(x.split(MICRO), y.split(MICRO)))
+                accumulated_step(opt, model, micro, lambda b: F.cross_entropy(model(b[0]), b[1]))
+            elif opt.sam_due:
+                F.cross_entropy(model(x), y).backward()
+                opt.first_step(zero_grad=True)
+                with running_stats_frozen(model):
+                    F.cross_entropy(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                F.cross_entropy(model(x), y).backward()
+                opt.plain_step(zero_grad=True)
+        return _state(model, opt)
+
+    expected, got = train(accumulated=False), train(accumulated=True)
+    for key, want in expected.items():
+        for i, (a, b) in enumerate(zip(got[key], want, strict=True)):
+            torch.testing.assert_close(a, b, **FP64, msg=lambda m, key=key, i=i: f"{key}[{i}]: {m}")
 
 
 def test_the_docs_recipe_without_the_helper_makes_the_same_step():
