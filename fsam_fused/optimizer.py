@@ -562,31 +562,45 @@ class FriendlySAM(torch.optim.Optimizer):
                 "backward pass at the perturbed point; or call first_step() and second_step() "
                 "(docs/training_loops.md shows both with Lightning, Accelerate and timm)"
             )
-        if not self.sam_due:
-            self.plain_step(zero_grad=True)
-            return None
-        self.first_step(zero_grad=True)
-        if not self._pending.plans:
-            self.abort_step()
+        return self._closure_step(closure)
+
+    def _closure_step(
+        self,
+        closure: Callable[[], Any],
+        grad_scaler: torch.amp.GradScaler | None = None,
+        before_base_step: Callable[[], None] | None = None,
+    ) -> Any:
+        """:meth:`step`, for a caller that also hands ``grad_scaler`` to both halves and runs
+        ``before_base_step`` once the base step's gradient is there (after the closure; on a plain
+        step, before it): Lightning's ``SAMMixedPrecision`` unscales and clips there."""
+        # (``any`` stops at the first gradient: O(1) unless there is none.)
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             raise RuntimeError(
                 f"{type(self).__name__}.step(closure) found no gradient: run the first forward and "
                 "backward before step() (with PyTorch Lightning, turn automatic optimisation off: "
                 "self.automatic_optimization = False; see docs/training_loops.md)"
             )
+        if not self.sam_due:
+            if before_base_step is not None:
+                before_base_step()
+            self.plain_step(zero_grad=True, grad_scaler=grad_scaler)
+            return None
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
             with torch.enable_grad():
                 loss = closure()
-            # ``any`` stops at the first gradient: O(1) unless the closure made none.
             if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
                 raise RuntimeError(
                     f"the closure passed to {type(self).__name__}.step() ran no backward pass: it must "
                     "run the forward and backward at the perturbed point (e.g. loss_fn(model(x), y)"
                     ".backward()) and return the loss"
                 )
+            if before_base_step is not None:
+                before_base_step()
         except BaseException:
             self.abort_step()
             raise
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

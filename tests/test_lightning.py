@@ -126,6 +126,11 @@ class NoFirstBackward(FSAMClassifier):
         (StepWithoutClosure, {}, "without a closure"),
         (StepWithoutClosure, dict(plugins=[SAMMixedPrecision("16-mixed", "cpu")]), "without a closure"),
         (NoFirstBackward, {}, "found no gradient: run the first forward and backward"),
+        (
+            NoFirstBackward,
+            dict(plugins=[SAMMixedPrecision("16-mixed", "cpu")]),
+            "found no gradient: run the first forward and backward",
+        ),
         (FSAMClassifier, dict(plugins=[MixedPrecision("16-mixed", "cpu")]), "SAMMixedPrecision"),
     ],
     ids=[
@@ -134,12 +139,62 @@ class NoFirstBackward(FSAMClassifier):
         "step_without_closure",
         "step_without_closure_fp16",
         "no_first_backward",
+        "no_first_backward_fp16",
         "stock_16_mixed",
     ],
 )
 def test_wrong_order_of_calls_raises_with_the_fix(module, kwargs, message):
     with pytest.raises(RuntimeError, match=message):
         _fit_one_batch(module(), **kwargs)
+
+
+class EveryThirdStepSAM(FSAMClassifier):
+    def configure_optimizers(self) -> dict:
+        configured = super().configure_optimizers()
+        configured["optimizer"].sam_interval = 3
+        return configured
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_sam_interval_takes_plain_steps_with_and_without_the_fp16_plugin(precision, monkeypatch):
+    from fsam_fused import FriendlySAM
+
+    calls = {"first_step": 0, "plain_step": 0}
+    for name in calls:
+        original = getattr(FriendlySAM, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(FriendlySAM, name, counted)
+    loader = synthetic_data()
+    trainer = make_trainer(precision, 1)
+    trainer.fit(EveryThirdStepSAM(total_steps=len(loader)), loader)
+    sam_steps = -(-len(loader) // 3)
+    assert calls == {"first_step": sam_steps, "plain_step": len(loader) - sam_steps}
+
+
+class FailingSecondPass(FSAMClassifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        self.before = [p.detach().clone() for p in self.net.parameters()]
+
+        def second_pass():
+            raise ValueError("the second pass failed")
+
+        self.optimizers().step(closure=second_pass)
+
+
+def test_a_closure_that_raises_under_the_fp16_plugin_puts_the_parameters_back():
+    module = FailingSecondPass()
+    with pytest.raises(ValueError, match="the second pass failed"):
+        _fit_one_batch(module, plugins=[SAMMixedPrecision("16-mixed", "cpu")])
+    optimizer = module.optimizers().optimizer
+    assert not optimizer._pending.perturbed
+    for p, before in zip(module.net.parameters(), module.before, strict=True):
+        assert torch.equal(p, before)
 
 
 def test_example_script_learns_and_resumes_bit_identically():

@@ -85,8 +85,10 @@ class SAMMixedPrecision(MixedPrecision):
     ``manual_backward`` scales the loss; ``optimizer.step(closure)`` then runs
     ``first_step(grad_scaler=...)``, the closure, unscales the second-pass gradients (so
     ``on_before_optimizer_step`` and clipping see true values), ``second_step`` and
-    ``scaler.update()``. An overflow in either pass skips the whole step. Other optimizers,
-    and ``"bf16-mixed"`` (no scaler), step as with the stock plugin.
+    ``scaler.update()``, by the optimizer's own ``step`` rules (``sam_interval``: a plain step,
+    its gradient unscaled and the hooks run before it; a closure that raises puts the parameters
+    back). An overflow in either pass skips the whole step. Other optimizers, and
+    ``"bf16-mixed"`` (no scaler), step as with the stock plugin.
     """
 
     def optimizer_step(  # type: ignore[override]
@@ -97,10 +99,14 @@ class SAMMixedPrecision(MixedPrecision):
         _check_manual_optimization(model)
         if closure is do_nothing_closure:
             raise RuntimeError(_NO_CLOSURE)
-        optimizer.first_step(zero_grad=True, grad_scaler=self.scaler)
-        closure_result = closure()
-        self.scaler.unscale_(optimizer)
-        self._after_closure(model, optimizer)
-        optimizer.second_step(grad_scaler=self.scaler)
-        self.scaler.update()
+        scaler = self.scaler
+
+        def before_base_step() -> None:
+            scaler.unscale_(optimizer)
+            self._after_closure(model, optimizer)
+
+        # (step()'s own rules hold: sam_interval, the checks for a missing backward, the parameters
+        # put back when the closure raises.)
+        closure_result = optimizer._closure_step(closure, scaler, before_base_step)
+        scaler.update()
         return closure_result
