@@ -18,6 +18,7 @@ optimizer re-plan (:meth:`FriendlySAM._replan`), with every check applied.
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -562,6 +563,7 @@ class FriendlySAM(torch.optim.Optimizer):
                 "backward pass at the perturbed point; or call first_step() and second_step() "
                 "(docs/training_loops.md shows both with Lightning, Accelerate and timm)"
             )
+        self._check_not_pending("step()")
         return self._closure_step(closure)
 
     def _closure_step(
@@ -633,13 +635,22 @@ class FriendlySAM(torch.optim.Optimizer):
             )
         if self._planner.flat.location:
             self._sync_state()  # edits of optimizer.state since the last step
-        state_dict = super().state_dict()
+        # Post-hooks (register_state_dict_post_hook) run on the whole dict, ours included.
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         state_dict["fsam_fused"] = {
             "skipped_steps": self._skipped.clone(),
             "steps_taken": self._pending.steps_taken,
         }
+        for hook in post_hooks.values():
+            returned = hook(self, state_dict)
+            state_dict = state_dict if returned is None else returned
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -650,6 +661,9 @@ class FriendlySAM(torch.optim.Optimizer):
         """
         if self._pending.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step() is not supported")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # (as torch.optim runs them)
+            returned = pre_hook(self, state_dict)
+            state_dict = state_dict if returned is None else returned
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -685,6 +699,8 @@ class FriendlySAM(torch.optim.Optimizer):
         self._planner.scan = None
         self._pending = _PendingStep(steps_taken=int(extra.get("steps_taken", 0)))
         self._sync_state()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -------------------------------------------------------- copy and pickle
     _PICKLED = ("defaults", "_groups_ref", "base_optimizer", "eps", "sam_interval", "_backend", "_skipped",
@@ -749,6 +765,12 @@ class SAM(FriendlySAM):
         replica_group: dist.ProcessGroup | None = None,
         **base_optimizer_kwargs: Any,
     ) -> None:
+        for name in ("sigma", "lmbda"):
+            if name in base_optimizer_kwargs:
+                raise TypeError(
+                    f"SAM takes no {name}: it is F-SAM with sigma = 0 and no momentum; use FriendlySAM "
+                    f"for {name}"
+                )
         super().__init__(
             params,
             base_optimizer,

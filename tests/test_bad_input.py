@@ -234,3 +234,18 @@ def test_eps_goes_to_the_base_optimizer_as_in_the_authors_class(cls):
     assert opt.eps == 1e-9  # the norm's
     with pytest.raises(TypeError, match="eps"):  # SGD has no eps: its own error, not a silent use
         cls([_param()], torch.optim.SGD, lr=0.1, eps=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sigma", "lmbda"])
+def test_sam_given_an_f_sam_argument_says_to_use_friendly_sam(name):
+    with pytest.raises(TypeError, match=f"SAM takes no {name}.*FriendlySAM"):
+        SAM([_param()], torch.optim.SGD, lr=0.1, **{name: 0.5})
+
+
+def test_step_between_the_passes_names_step():
+    p = _param()
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+    p.grad = torch.randn(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match=r"^step\(\) was called between"):
+        opt.step(lambda: (p * p).sum().backward())

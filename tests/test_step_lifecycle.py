@@ -210,3 +210,34 @@ def test_state_dict_holds_a_momentum_assigned_since_the_last_step(backend):
     saved = opt.state_dict()
     torch.testing.assert_close(saved["state"][1]["momentum"], torch.full((3, 4), 2.5))
     assert type(saved["state"][1]) is dict
+
+
+def test_state_dict_hooks_see_the_whole_dict_and_load_hooks_run():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1, momentum=0.9)
+    p.grad = torch.randn(3)
+    opt.first_step()
+    p.grad = torch.randn(3)
+    opt.second_step()
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("save pre"))
+
+    def save_post(o, state_dict):
+        seen.append(("save post", "base_optimizer" in state_dict and "fsam_fused" in state_dict))
+        return {**state_dict, "note": "from a hook"}
+
+    opt.register_state_dict_post_hook(save_post)
+    saved = opt.state_dict()
+    assert saved["note"] == "from a hook"
+
+    def load_pre(o, state_dict):
+        seen.append("load pre")
+        state_dict = dict(state_dict)
+        state_dict.pop("note")
+        state_dict["fsam_fused"] = {**state_dict["fsam_fused"], "steps_taken": 7}
+        return state_dict
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(("load post", o._pending.steps_taken)))
+    opt.load_state_dict(saved)
+    assert seen == ["save pre", ("save post", True), "load pre", ("load post", 7)]
