@@ -36,6 +36,12 @@ def traced_inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
     return scaler._scale.double().reciprocal().float()
 
 
+def scaling(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """``scaler`` if it scales; None for none or a disabled one (``GradScaler(enabled=False)`` is a
+    no-op). (An attribute, not is_enabled(): this also runs inside torch.compile.)"""
+    return scaler if scaler is not None and scaler._enabled else None
+
+
 def unscaled_already(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``scaler.unscale_(optimizer)`` ran since the last ``scaler.update()``."""
     # (Attributes, not is_enabled(): this also runs inside torch.compile.)

@@ -18,6 +18,7 @@ optimizer re-plan (:meth:`FriendlySAM._replan`), with every check applied.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -52,18 +53,16 @@ class _PendingStep:
     found_inf: Tensor | None = None
     plans: Plans = field(default_factory=list)
     momentum_saved: bool = False
+    scaler: torch.amp.GradScaler | None = None  # first_step's, if enabled
     steps_taken: int = 0  # completed steps, SAM or plain (for sam_interval)
 
-    def start(self, found_inf: Tensor, plans: Plans, momentum_saved: bool) -> None:
-        self.perturbed, self.found_inf, self.plans, self.momentum_saved = (
-            True,
-            found_inf,
-            plans,
-            momentum_saved,
-        )
+    def start(self, found_inf: Tensor, plans: Plans, grad_scaler: torch.amp.GradScaler | None) -> None:
+        self.perturbed, self.found_inf, self.plans = True, found_inf, plans
+        self.momentum_saved, self.scaler = grad_scaler is not None, amp.scaling(grad_scaler)
 
     def finish(self, completed: bool = True) -> None:
         self.perturbed, self.found_inf, self.plans, self.momentum_saved = False, None, [], False
+        self.scaler = None
         self.steps_taken += completed
 
 
@@ -168,7 +167,15 @@ class FriendlySAM(torch.optim.Optimizer):
             **base_optimizer_kwargs,
         )
         super().__init__(params, defaults)
-        base = base_optimizer(self.param_groups, **base_optimizer_kwargs)
+        try:
+            base = base_optimizer(self.param_groups, **base_optimizer_kwargs)
+        except TypeError as exc:
+            if "eps" in base_optimizer_kwargs and "eps" in str(exc):
+                raise TypeError(
+                    f"{exc} (eps goes to the base optimizer, as in the authors' class; the epsilon "
+                    "added to the perturbation's norm is norm_eps)"
+                ) from exc
+            raise
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}")
         self.base_optimizer = base
@@ -243,13 +250,14 @@ class FriendlySAM(torch.optim.Optimizer):
             raise TypeError("param_group['params'] must be an ordered collection (a list), not a set")
         # A list from here on: a generator read once here would reach the base optimizer empty.
         params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
+        tensors = [q[1] if isinstance(q, tuple) else q for q in params]  # (named: (name, tensor) pairs)
+        if len({id(p) for p in tensors}) != len(tensors):
             # (torch.optim only warns: here the second copy's backup would be the perturbed value,
             # so second_step would leave part of the perturbation in the parameter.)
             raise ValueError(
                 "param_group['params'] holds a parameter more than once; list each parameter once"
             )
-        for p in params:
+        for p in tensors:
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError("complex parameters are not supported: split them with torch.view_as_real")
             if isinstance(p, Tensor) and not p.dtype.is_floating_point:
@@ -264,8 +272,10 @@ class FriendlySAM(torch.optim.Optimizer):
             super().add_param_group(param_group)
 
     def _main_device(self) -> torch.device:
-        """The device of the first parameter (of the first group that has one)."""
-        return next(p for group in self._groups_ref.groups for p in group["params"]).device
+        """The device of the first parameter (of the first group that has one; the CPU if every
+        group is empty, as torch.optim allows)."""
+        first = next((p for group in self._groups_ref.groups for p in group["params"]), None)
+        return torch.device("cpu") if first is None else first.device
 
     def _group_rows(self) -> tuple[Row, ...]:
         return self._checked_rows.rows(self.param_groups)
@@ -343,13 +353,12 @@ class FriendlySAM(torch.optim.Optimizer):
                 "second_step() was called without a preceding first_step(); the order is "
                 "first_step(), a second forward/backward, then second_step()"
             )
-        if (grad_scaler is not None) != self._pending.momentum_saved:
+        if amp.scaling(grad_scaler) is not self._pending.scaler:
             # (Without the scaler here the base step would take still-scaled gradients; with one
             # that first_step did not have, momentum took scaled ones and no copy was saved.)
-            given, first = ("a", "none") if grad_scaler is not None else ("no", "one")
             raise ValueError(
-                f"second_step() got {given} grad_scaler but first_step() got {first}: pass the same "
-                "GradScaler to both (abort_step() puts the parameters back)"
+                "second_step() got another grad_scaler than first_step() (one, none, or a different "
+                "one): pass the same GradScaler to both (abort_step() puts the parameters back)"
             )
         self._complete(zero_grad, grad_scaler)
 
@@ -510,7 +519,7 @@ class FriendlySAM(torch.optim.Optimizer):
             plan.release()
         if source is not None:
             source.release()
-        self._pending.start(found_inf, plans, momentum_saved=grad_scaler is not None)
+        self._pending.start(found_inf, plans, grad_scaler)
 
     def _complete(self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None) -> None:
         """The second half of a step: restore the parameters, then the base optimizer's step."""
@@ -548,7 +557,13 @@ class FriendlySAM(torch.optim.Optimizer):
                 state.rollback_momentum(torch.ones((), dtype=torch.float32, device=device))
         pending.finish(completed=False)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        before_base_step: Callable[[], None] | None = None,
+    ) -> Any:
         """A whole step: ``first_step``, ``closure()`` (forward and backward), ``second_step``.
 
         Call it after the first forward/backward, as with the authors' optimizer; the
@@ -556,6 +571,14 @@ class FriendlySAM(torch.optim.Optimizer):
         closure raises, the parameters are put back (:meth:`abort_step`) before the
         exception propagates. With ``sam_interval > 1``, the steps in between are
         :meth:`plain_step` s: the closure is not called, and None is returned.
+
+        Args:
+            closure: the second forward and backward pass, at the perturbed point.
+            grad_scaler: handed to both halves (see :meth:`first_step`); ``scaler.update()`` is
+                the caller's.
+            before_base_step: called once the base step's gradient is there (after the closure;
+                on a plain step, before it): Lightning's ``SAMMixedPrecision`` unscales the
+                gradients and runs its hooks (clipping) there.
         """
         if closure is None:
             raise TypeError(
@@ -564,30 +587,21 @@ class FriendlySAM(torch.optim.Optimizer):
                 "(docs/training_loops.md shows both with Lightning, Accelerate and timm)"
             )
         self._check_not_pending("step()")
-        return self._closure_step(closure)
-
-    def _closure_step(
-        self,
-        closure: Callable[[], Any],
-        grad_scaler: torch.amp.GradScaler | None = None,
-        before_base_step: Callable[[], None] | None = None,
-    ) -> Any:
-        """:meth:`step`, for a caller that also hands ``grad_scaler`` to both halves and runs
-        ``before_base_step`` once the base step's gradient is there (after the closure; on a plain
-        step, before it): Lightning's ``SAMMixedPrecision`` unscales and clips there."""
-        # (``any`` stops at the first gradient: O(1) unless there is none.)
-        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            raise RuntimeError(
-                f"{type(self).__name__}.step(closure) found no gradient: run the first forward and "
-                "backward before step() (with PyTorch Lightning, turn automatic optimisation off: "
-                "self.automatic_optimization = False; see docs/training_loops.md)"
-            )
+        # (With a scaler, before its own check of a first pass it did not scale says otherwise.
+        # ``any`` stops at the first gradient.)
+        if grad_scaler is not None and not any(
+            p.grad is not None for group in self.param_groups for p in group["params"]
+        ):
+            raise self._no_gradient_error()
         if not self.sam_due:
             if before_base_step is not None:
                 before_base_step()
             self.plain_step(zero_grad=True, grad_scaler=grad_scaler)
             return None
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        if not self._pending.plans:
+            self.abort_step()
+            raise self._no_gradient_error()
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -604,6 +618,13 @@ class FriendlySAM(torch.optim.Optimizer):
             raise
         self.second_step(grad_scaler=grad_scaler)
         return loss
+
+    def _no_gradient_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__}.step(closure) found no gradient: run the first forward and "
+            "backward before step() (with PyTorch Lightning, turn automatic optimisation off: "
+            "self.automatic_optimization = False; see docs/training_loops.md)"
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of every parameter (to None by default), in one C++ loop when built."""
@@ -628,20 +649,28 @@ class FriendlySAM(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Our state (``momentum`` per parameter), the param groups, and the base optimizer's state."""
         if self._pending.perturbed:
-            raise RuntimeError(
-                "state_dict() between first_step() and second_step() is not supported: the parameters "
-                "are at their perturbed point, so a checkpoint of the model taken now would not resume "
-                "the run; save after second_step() (or call abort_step() first)"
+            # (Not refused: an emergency save, such as Lightning's on SLURM pre-emption, may land
+            # here from a signal handler, and a crash would lose the job.)
+            warnings.warn(
+                "state_dict() between first_step() and second_step(): the model's parameters are at "
+                "their perturbed point, so a run resumed from a checkpoint taken now is not the one "
+                "that continues; save after second_step() (or call abort_step() first)",
+                stacklevel=2,
             )
         if self._planner.flat.location:
             self._sync_state()  # edits of optimizer.state since the last step
-        # Post-hooks (register_state_dict_post_hook) run on the whole dict, ours included.
-        post_hooks = self._optimizer_state_dict_post_hooks
-        self._optimizer_state_dict_post_hooks = OrderedDict()
+        # The hooks (register_state_dict_pre/post_hook) run here, the post-hooks on the whole dict,
+        # ours included; torch.optim's state_dict runs without them (a hook a pre-hook registers
+        # is in the optimizer's own table, which is back in place before any post-hook runs).
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks = self._optimizer_state_dict_post_hooks = OrderedDict()
         try:
             state_dict = super().state_dict()
         finally:
-            self._optimizer_state_dict_post_hooks = post_hooks
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
+        post_hooks = self._optimizer_state_dict_post_hooks
         state_dict["state"] = {key: dict(entry) for key, entry in state_dict["state"].items()}
         state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         state_dict["fsam_fused"] = {
@@ -661,7 +690,8 @@ class FriendlySAM(torch.optim.Optimizer):
         """
         if self._pending.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step() is not supported")
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # (as torch.optim runs them)
+        state_dict = state_dict.copy()  # (as torch.optim: a hook that replaces a key leaves the caller's)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             returned = pre_hook(self, state_dict)
             state_dict = state_dict if returned is None else returned
         saved_groups = state_dict["param_groups"]

@@ -187,6 +187,22 @@ class FailingSecondPass(FSAMClassifier):
         self.optimizers().step(closure=second_pass)
 
 
+class CountedSteps(FSAMClassifier):
+    def configure_optimizers(self) -> dict:
+        configured = super().configure_optimizers()
+        self.step_hooks = []
+        configured["optimizer"].register_step_post_hook(lambda opt, args, kwargs: self.step_hooks.append(1))
+        return configured
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_the_optimizers_step_hooks_run_with_and_without_the_fp16_plugin(precision):
+    loader = synthetic_data()
+    module = CountedSteps(total_steps=len(loader))
+    make_trainer(precision, 1).fit(module, loader)
+    assert len(module.step_hooks) == len(loader)
+
+
 def test_a_closure_that_raises_under_the_fp16_plugin_puts_the_parameters_back():
     module = FailingSecondPass()
     with pytest.raises(ValueError, match="the second pass failed"):

@@ -76,8 +76,9 @@ def test_an_empty_first_group_is_taken_and_changes_nothing(backend):
         lambda w, v: [w, v, w],
         lambda w, v: [{"params": [w, v]}, {"params": [v]}],  # (across groups: torch.optim's own check)
         lambda w, v: [{"params": [w, w]}],
+        lambda w, v: [("a", w), ("b", v), ("c", w)],
     ],
-    ids=["list", "across-groups", "in-a-group"],
+    ids=["list", "across-groups", "in-a-group", "named"],
 )
 def test_a_parameter_listed_twice_is_refused(groups):
     w, v = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2))
@@ -93,3 +94,12 @@ def test_add_param_group_refuses_a_parameter_listed_twice_and_a_set():
     with pytest.raises(TypeError, match="not a set"):
         opt.add_param_group({"params": {w}})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [v]
+
+
+def test_groups_that_are_all_empty_are_taken_and_a_later_group_steps():
+    opt = FriendlySAM([{"params": []}], torch.optim.SGD, lr=0.1)
+    model = _model()
+    opt.add_param_group({"params": list(model.parameters())})
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, steps=1)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -241,3 +241,28 @@ def test_state_dict_hooks_see_the_whole_dict_and_load_hooks_run():
     opt.register_load_state_dict_post_hook(lambda o: seen.append(("load post", o._pending.steps_taken)))
     opt.load_state_dict(saved)
     assert seen == ["save pre", ("save post", True), "load pre", ("load post", 7)]
+
+
+def test_a_load_pre_hook_edits_a_copy_and_a_post_hook_a_pre_hook_registers_stays():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FriendlySAM([p], torch.optim.SGD, lr=0.1)
+
+    def drop_counters(o, sd):
+        del sd["fsam_fused"]
+
+    opt.register_load_state_dict_pre_hook(drop_counters)
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    assert "fsam_fused" in saved  # (torch.optim hands the pre-hooks a shallow copy too)
+    calls = []
+    handles = []
+
+    def pre(o):
+        if not handles:
+            hook = o.register_state_dict_post_hook(lambda o, sd: calls.append("base_optimizer" in sd))
+            handles.append(hook)
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.state_dict()
+    opt.state_dict()
+    assert calls == [True, True]

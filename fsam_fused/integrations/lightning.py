@@ -107,6 +107,6 @@ class SAMMixedPrecision(MixedPrecision):
 
         # (step()'s own rules hold: sam_interval, the checks for a missing backward, the parameters
         # put back when the closure raises.)
-        closure_result = optimizer._closure_step(closure, scaler, before_base_step)
+        closure_result = optimizer.step(closure, grad_scaler=scaler, before_base_step=before_base_step)
         scaler.update()
         return closure_result
