@@ -43,6 +43,7 @@ class BaseStep:
             base.found_inf = self.flag
         self.ready: set[Tensor] = set()  # parameters the base optimizer has stepped
         self.new = True  # this step's first pass reaches a parameter outside ``ready``
+        self._note_base_state()
 
     def note_participants(self, flat_params: list[Tensor], plans: Plans) -> None:
         """After a re-plan: whether the first pass reaches a parameter new to the base optimizer
@@ -58,6 +59,8 @@ class BaseStep:
             if not bool(found_inf):
                 base.step()
             return
+        if self._base_state_dropped():
+            self.from_base_state()  # (state cleared or replaced: its parameters are new again)
         if not self.new and not self._second_pass_may_reach_new(planner):
             if getattr(base, "found_inf", None) is not flag:
                 base.found_inf = flag  # someone (a GradScaler.step on the base) took it away
@@ -72,6 +75,17 @@ class BaseStep:
             flat_params = planner.flat.params
             # A first-pass parameter without a second-pass gradient stays new.
             self.new = any(flat_params[i] not in self.ready for _, plan in plans for i in plan.positions)
+        self._note_base_state()
+
+    def _note_base_state(self) -> None:
+        self._state, self._state_size = self.base.state, len(self.base.state)
+
+    def _base_state_dropped(self) -> bool:
+        """Whether the base optimizer's state lost entries since the last step (``state.clear()``,
+        ``del state[p]``, a new mapping: a common reset of momentum). O(1): an entry emptied in
+        place (``state[p]["momentum_buffer"] = None``) goes unnoticed."""
+        state = self.base.state
+        return state is not self._state or len(state) < self._state_size
 
     def _second_pass_may_reach_new(self, planner: StepPlanner) -> bool:
         """Not once every parameter has been stepped; else when the second pass's gradients reach
@@ -94,6 +108,7 @@ class BaseStep:
         base = self.base
         self.ready = {p for group in base.param_groups for p in group["params"] if base.state.get(p)}
         self.new = True  # until the next re-plan says otherwise
+        self._note_base_state()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"base": self.base, "flag": self.flag}

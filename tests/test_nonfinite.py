@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -170,6 +171,32 @@ def test_skipped_very_first_step_leaves_a_fused_base_as_if_it_never_happened(bac
         _full_step(clean_params, clean, firsts, seconds)
     for p, q in zip(skipped_params, clean_params):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [lambda base: base.state.clear(), lambda base: setattr(base, "state", defaultdict(dict))],
+    ids=["cleared", "replaced"],
+)
+def test_a_skipped_step_after_the_fused_base_state_was_reset_leaves_none_uninitialised(backend, reset):
+    # A reset of the base optimizer's momentum makes its parameters new to it again: a skipped step
+    # must not leave the uninitialised buffers a fused SGD creates when told to skip.
+    runs = []
+    for fused in (True, False):
+        params, opt = _setup(backend, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            _full_step(params, opt, [torch.randn(p.shape, generator=gen) for p in params])
+        reset(opt.base_optimizer)  # (not one entry: torch's fused SGD refuses a partial set itself)
+        junk = [torch.full((65537,), 1e30) for _ in range(8)]  # (freed memory the buffers may get)
+        del junk
+        _full_step(params, opt, _bad_grads(params))
+        for _ in range(2):
+            firsts = [torch.randn(p.shape, generator=gen) for p in params]
+            _full_step(params, opt, firsts, [torch.randn(p.shape, generator=gen) for p in params])
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
+        torch.testing.assert_close(p, q)  # (fused and unfused SGD round alike up to an ulp)
 
 
 @pytest.mark.parametrize("fisher_eta, bad", [(0.0, math.nan), (1.0, math.inf)], ids=["nan", "fisher_inf"])
