@@ -191,7 +191,35 @@ def checked_parameters(lists: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor],
             params.append(p)
             local_parts.append(local)
             group_of.append(g)
+    _refuse_shared_memory(params, local_parts, lists)
     return params, local_parts, group_of
+
+
+def _refuse_shared_memory(
+    params: list[Tensor], local_parts: list[Tensor], lists: Sequence[Sequence[Tensor]]
+) -> None:
+    """A parameter reached twice (listed in two groups, or two Parameters over one memory) would be
+    backed up a second time after its perturbation, and second_step would leave part of it."""
+    # (Dense parts, checked above, cover one block of memory each; views of a flat buffer do not
+    # overlap. Addresses compare within a device only.)
+    extents = sorted(
+        (str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k)
+        for k, t in enumerate(local_parts)
+        if t.numel() and t.device.type != "meta"
+    )
+    reach: tuple[str, int, int] = ("", 0, -1)  # (device, end, index) of the furthest block so far
+    for device, start, end, k in extents:
+        if device == reach[0] and start < reach[1]:
+            places = [(g, i) for g, ps in enumerate(lists) for i in range(len(ps))]
+            (ga, ia), (gb, ib) = sorted((places[reach[2]], places[k]))
+            what = "the same parameter" if params[reach[2]] is params[k] else "in the same memory"
+            raise ValueError(
+                f"parameter {ia} of param group {ga} and parameter {ib} of param group {gb} are {what}: "
+                "list each parameter once, in one group (each would be backed up after the other's "
+                "perturbation, and second_step would leave part of it in the weights)"
+            )
+        if device != reach[0] or end > reach[1]:
+            reach = (device, end, k)
 
 
 class FlatState:

@@ -103,3 +103,39 @@ def test_groups_that_are_all_empty_are_taken_and_a_later_group_steps():
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, steps=1)
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda opt, p, q: opt.param_groups[1]["params"].append(p),  # a move that forgot group 0
+        lambda opt, p, q: setattr(opt, "param_groups", [opt.param_groups[0], *opt.param_groups]),
+        lambda opt, p, q: opt.param_groups[1]["params"].append(nn.Parameter(p.data)),  # one memory
+    ],
+    ids=["in-two-groups", "a-group-twice", "two-parameters-one-memory"],
+)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_parameter_reached_twice_is_refused_at_the_next_step_before_anything_moves(backend, edit):
+    p, q = nn.Parameter(torch.arange(4.0)), nn.Parameter(torch.ones(4))
+    opt = FriendlySAM([{"params": [p]}, {"params": [q]}], torch.optim.SGD, lr=0.1, backend=backend)
+    edit(opt, p, q)
+    before = p.detach().clone()
+    for t in [t for group in opt.param_groups for t in group["params"]]:
+        t.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="same (parameter|memory): list each parameter once"):
+        opt.first_step()
+    assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_parameters_that_are_views_of_one_buffer_are_taken(backend):
+    flat = torch.randn(12)
+    p, q = nn.Parameter(flat[:4].view(2, 2)), nn.Parameter(flat[4:])
+    p.data, q.data = flat[:4].view(2, 2), flat[4:]  # (nn.Parameter keeps the view's storage)
+    opt = FriendlySAM([p, q], torch.optim.SGD, lr=0.1, backend=backend)
+    before = flat.clone()
+    p.grad, q.grad = torch.ones(2, 2), torch.ones(8)
+    opt.first_step(zero_grad=True)
+    p.grad, q.grad = torch.ones(2, 2), torch.ones(8)
+    opt.second_step(zero_grad=True)
+    torch.testing.assert_close(flat, before - 0.1)  # (restored exactly, then lr * grad)
