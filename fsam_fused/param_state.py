@@ -145,14 +145,18 @@ class ParamState(_Dirty, dict):
                     "or delete the entry (del optimizer.state[p]) to start its momentum afresh"
                 )
             flag = entry.get(SEEDED, 1.0)
-            if isinstance(flag, Tensor) and _same_memory(flag, seeded):
-                pass  # the slot's own flag: nothing to copy
-            else:
+            own_flag = isinstance(flag, Tensor) and _same_memory(flag, seeded)
+            if not own_flag:
                 seeded.copy_(torch.as_tensor(flag, dtype=torch.float32))
                 dict.__setitem__(entry, SEEDED, seeded)
             if _same_memory(given, slot):
                 return  # the alias this slot handed out, still over the slot
             slot.copy_(given)
+            if own_flag:
+                # A momentum assigned to an entry whose flag was not (a parameter with no gradient
+                # yet: its slot unseeded) takes effect at the next step, as a whole new entry does;
+                # an unseeded slot would have the kernels and the reference disagree on it.
+                seeded.fill_(1.0)
         # An alias of the slot, never the view the plans hold: ``.data = t`` on what users see
         # must not reach a kernel (the scan watches it, and the next step adopts t instead).
         dict.__setitem__(entry, MOMENTUM, distributed.like_param(slot.detach(), p))

@@ -21,7 +21,7 @@ import fsam_fused
 from fsam_fused import FriendlySAM
 from fsam_fused.param_state import ParamState
 from fsam_fused.scan import _compiled_scan_class
-from tests.cases import CPU_FAST_BACKENDS
+from tests.cases import CPU_BACKENDS, CPU_FAST_BACKENDS
 from tests.oracle import Oracle, PlainSGD
 
 COMPILED_SCAN = _compiled_scan_class() is not None
@@ -540,3 +540,28 @@ def test_a_parameter_swapped_by_another_thread_during_a_native_call_is_not_freed
         [sys.executable, "-c", _SWAP_DURING_A_NATIVE_CALL], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, f"the process died (signal {-done.returncode}): {done.stderr[-2000:]}"
+
+
+def test_a_momentum_assigned_to_a_parameter_with_no_gradient_yet_takes_effect_on_every_backend():
+    # Its entry's slot is unseeded until its first gradient; the assigned momentum seeds it, as a
+    # whole new entry would, so the next step's d = g - sigma m and m = lmbda m + (1 - lmbda) g.
+    t, g = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([0.5, 1.0, -1.0, 2.0])
+    results = []
+    for backend in CPU_BACKENDS:
+        p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))
+        opt = FriendlySAM([p, q], torch.optim.SGD, backend=backend, rho=1.0, sigma=1.0, lmbda=0.5, lr=0.0)
+        q.grad = torch.ones(1)
+        opt.first_step(zero_grad=True)
+        q.grad = torch.ones(1)
+        opt.second_step(zero_grad=True)  # p had no gradient: its slot is unseeded
+        opt.state[p]["momentum"] = t.clone()
+        p.grad = g.clone()
+        opt.first_step(zero_grad=True)
+        e = p.detach().clone()
+        p.grad = torch.zeros(4)
+        opt.second_step(zero_grad=True)
+        results.append((e, opt.state[p]["momentum"].clone()))
+    d = g - t
+    for e, m in results:
+        torch.testing.assert_close(e, d / d.norm())
+        torch.testing.assert_close(m, 0.5 * t + 0.5 * g)
