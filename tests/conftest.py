@@ -58,6 +58,17 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture
+def two_threads():
+    """At least two intra-op threads for the test, so that the native backend's host loops over a
+    step's tensors (csrc/host/parallel_tensors.h) split models of more than a few hundred tensors
+    between threads, on a machine of any size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 # Hypothesis profiles (tests/test_properties.py): CI runs a fixed, derandomized set of examples, fewer
 # in the process that interprets the Triton kernels (each program runs in Python there, ~10x slower);
 # `--hypothesis-profile=fsam-thorough` searches long, freshly random, keeping failures to replay.

@@ -20,8 +20,9 @@ from tests.oracle import PlainSGD
 from tests.warm_steps import random_grads, warm_up
 
 SHAPES = [(3, 4), (5,), (2, 2, 2), ()]
-# More parameters than the native loops over them work ahead (prefetch distances, blocks).
-MANY_SHAPES = [(3,), (2, 2), ()] * 30
+# More parameters than the native loops over them work ahead (prefetch distances, blocks), and enough
+# that they split them between threads (csrc/host/parallel_tensors.h; with the two_threads fixture).
+MANY_SHAPES = [(3,), (2, 2), ()] * 200
 
 
 def _model(backend: str, base=PlainSGD, shapes=SHAPES) -> tuple[list[torch.nn.Parameter], FriendlySAM]:
@@ -39,9 +40,9 @@ def _warm(backend: str, base=PlainSGD, shapes=SHAPES):
     return params, opt, gen
 
 
-def _run(backend: str, edit) -> list[torch.Tensor]:
+def _run(backend: str, edit, shapes=SHAPES) -> list[torch.Tensor]:
     """Warm steps, then one step with ``edit(params)`` between its two passes; the parameters after."""
-    params, opt, gen = _warm(backend)
+    params, opt, gen = _warm(backend, shapes=shapes)
     opt.first_step(zero_grad=True)
     params = edit(params)
     random_grads(params, gen)
@@ -61,10 +62,19 @@ def _swapped(params):
     return params
 
 
-@pytest.mark.parametrize("edit", [_new_storage, _swapped], ids=["p.data = clone", "swap_tensors"])
-def test_second_step_restores_into_the_storage_the_parameter_holds_now(backend, edit):
-    expected = _run("reference", edit)
-    actual = _run(backend, edit)
+def _last_new_storage(params):
+    _new_storage(params[-1:])  # (in the last of the ranges that threads check)
+    return params
+
+
+@pytest.mark.parametrize(
+    "edit, shapes",
+    [(_new_storage, SHAPES), (_swapped, SHAPES), (_last_new_storage, MANY_SHAPES)],
+    ids=["p.data = clone", "swap_tensors", "many, the last one's p.data = clone"],
+)
+def test_second_step_restores_into_the_storage_the_parameter_holds_now(backend, edit, shapes, two_threads):
+    expected = _run("reference", edit, shapes)
+    actual = _run(backend, edit, shapes)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
@@ -121,7 +131,7 @@ def test_second_step_refuses_a_parameter_whose_shape_changed_between_the_passes(
 
 @pytest.mark.parametrize("shapes", [SHAPES, MANY_SHAPES], ids=["few", "many"])
 @pytest.mark.parametrize("phase", ["first_step", "second_step"])
-def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase, shapes):
+def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase, shapes, two_threads):
     params, opt, gen = _warm(backend, NoBaseStep, shapes)  # (a base step would bump the versions itself)
     if phase == "second_step":
         opt.first_step(zero_grad=True)
@@ -181,3 +191,29 @@ def test_an_unchanged_one_plan_cpu_step_runs_its_first_pass_in_one_call(monkeypa
         monkeypatch.setattr(native, name, lambda *a, name=name: pytest.fail(f"{name} was called on its own"))
     opt.first_step(zero_grad=True)
     assert [(changed, total is not None) for changed, total in calls] == [(False, True)]
+
+
+def _inference_tensor_steps(backend: str) -> tuple[list[torch.Tensor], FriendlySAM]:
+    """Unchanged steps, inside inference mode, of a model of inference tensors (which have no
+    version counters to bump); the parameters and the optimizer after them, with the next step's
+    gradients in place."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        params = [torch.randn(shape, generator=gen) for shape in MANY_SHAPES]
+        opt = FriendlySAM(params, PlainSGD, lr=0.05, rho=0.1, sigma=1.0, lmbda=0.6, backend=backend)
+        warm_up(opt, lambda: random_grads(params, gen))
+    return params, opt
+
+
+def test_inference_tensors_step_in_inference_mode_as_in_the_reference(backend, two_threads):
+    expected, _ = _inference_tensor_steps("reference")
+    actual, _ = _inference_tensor_steps(backend)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_tensors_outside_inference_mode_are_refused_as_in_the_reference(backend, two_threads):
+    # (Where a version would be bumped: the optimizer's state, made in inference mode, is refused too.)
+    _, opt = _inference_tensor_steps(backend)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        opt.first_step()

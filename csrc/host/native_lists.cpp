@@ -10,9 +10,11 @@
 #include "../fsam_math.h"
 #include "../tensor_lists.h"
 #include "object_prefetch.h"
+#include "parallel_tensors.h"
 #include "cpu_scalar.h"
 
 #include <algorithm>
+#include <unordered_set>
 #include <utility>
 
 namespace fsam_fused::host {
@@ -305,9 +307,16 @@ void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) con
     kept.impls.push_back(p.unsafeGetTensorImpl());
     kept.geometry.emplace_back().record(p);
   }
+  // Each counter once: the momentum and backup views share their flat buffer's, and a bump says
+  // "written" to autograd, which compares versions only for equality, as well as one per view
+  // (thousands of atomic increments of one line, each step, over a model of small tensors).
+  std::unordered_set<const void*> counters;
   for (const std::vector<at::Tensor>* state : {&momentum_, &backup_}) {
     for (const at::Tensor& t : *state) {
-      kept.state_versions.push_back(t.unsafeGetTensorImpl()->version_counter());
+      const void* counter = version_counter_address(t.unsafeGetTensorImpl());
+      if (counter == nullptr || counters.insert(counter).second) {  // (none: bump() refuses, as ever)
+        kept.state_versions.push_back(t.unsafeGetTensorImpl()->version_counter());
+      }
     }
   }
   kept_ = std::move(kept);
@@ -331,22 +340,27 @@ const cpu::FlatLists& NativeLists::with_grads(const ParamScan& scan) const {
 
 bool NativeLists::params_unchanged() const {
   // Safe without a reference to each parameter because the call holds the GIL (module.cpp):
-  // nothing can swap or free what their Python objects hold until it returns.
+  // nothing can swap or free what their Python objects hold until it returns. Reads only, on the
+  // intra-op threads (parallel_tensors.h); a parameter whose TensorImpl was not kept is not read
+  // further (same_tensor compares it first), so no subclass's code runs there.
+  return all_ranges(params_.size(), [this](size_t begin, size_t end) { return params_unchanged_in(begin, end); });
+}
+
+bool NativeLists::params_unchanged_in(size_t begin, size_t end) const {
   const Kept& kept = *kept_;
-  const size_t n = params_.size();
   // One level of the chain per pass over all of them, prefetching the next: the misses of a
   // pass overlap as far as the core allows. (Unlike the scan, which has more to do per tensor
   // and works in blocks, a pass here does nothing else for the core to overlap with.)
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = begin; i < end; ++i) {
     prefetch_python_tensor(params_[i].ptr());
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = begin; i < end; ++i) {
     prefetch_impl(THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl());
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = begin; i < end; ++i) {
     prefetch_storage(THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl());
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = begin; i < end; ++i) {
     if (!same_tensor(
             THPVariable_Unpack(params_[i].ptr()), kept.impls[i], kept.lists.params[i], kept.lists.dtypes[i], device_,
             kept.geometry[i])) {
@@ -357,21 +371,43 @@ bool NativeLists::params_unchanged() const {
 }
 
 void NativeLists::bump_param_versions() const {
+  // On the intra-op threads: a bump is one atomic increment. A parameter without a version
+  // counter (an inference tensor) is left to this thread, where bumping it refuses or not by the
+  // caller's inference mode, as autograd's fallback would.
+  const bool all_counted =
+      all_ranges(params_.size(), [this](size_t begin, size_t end) { return bump_param_versions_in(begin, end); });
+  if (!all_counted) {
+    for (const pybind11::object& p : params_) {
+      const at::Tensor& param = THPVariable_Unpack(p.ptr());
+      if (!param.unsafeGetTensorImpl()->version_counter().enabled()) {
+        torch::autograd::increment_version(param);
+      }
+    }
+  }
+}
+
+bool NativeLists::bump_param_versions_in(size_t begin, size_t end) const {
   // A bump is an atomic read-modify-write, which waits for its line and holds back the loads
   // after it: over many small parameters, unprefetched, each is a miss that overlaps with no
   // other. So the counters kBumpAhead places ahead are asked for first.
   constexpr size_t kBumpAhead = 16;
-  const size_t n = params_.size();
   const auto impl = [this](size_t i) { return THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl(); };
-  for (size_t i = 0; i < std::min(n, kBumpAhead); ++i) {
+  for (size_t i = begin; i < std::min(end, begin + kBumpAhead); ++i) {
     prefetch_version_counter(impl(i));
   }
-  for (size_t i = 0; i < n; ++i) {
-    if (i + kBumpAhead < n) {
+  bool all_counted = true;
+  for (size_t i = begin; i < end; ++i) {
+    if (i + kBumpAhead < end) {
       prefetch_version_counter(impl(i + kBumpAhead));
     }
-    torch::autograd::increment_version(THPVariable_Unpack(params_[i].ptr()));
+    c10::TensorImpl* param = impl(i);
+    if (param->version_counter().enabled()) {
+      param->bump_version();
+    } else {
+      all_counted = false;
+    }
   }
+  return all_counted;
 }
 
 }  // namespace fsam_fused::host

@@ -38,12 +38,17 @@ inline void prefetch_grad_slot(const c10::TensorImpl* impl) {
   }
 }
 
-// The version counter that a write to the tensor bumps (VariableVersion's one member is the
-// pointer to it; what it points to is 24 bytes: its vtable pointer, refcounts and the version).
-inline void prefetch_version_counter(const c10::TensorImpl* impl) {
+// The version counter that a write to the tensor bumps, which views share with their base:
+// VariableVersion's one member is the pointer to it (null for inference tensors).
+inline const void* version_counter_address(const c10::TensorImpl* impl) {
   static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is no longer one pointer");
-  const void* counter = *reinterpret_cast<const void* const*>(&impl->version_counter());
-  if (counter != nullptr) {  // (null for inference tensors)
+  return *reinterpret_cast<const void* const*>(&impl->version_counter());
+}
+
+// (What the counter points to is 24 bytes: its vtable pointer, refcounts and the version.)
+inline void prefetch_version_counter(const c10::TensorImpl* impl) {
+  const void* counter = version_counter_address(impl);
+  if (counter != nullptr) {
     prefetch_bytes(counter, 24);
   }
 }

@@ -1,6 +1,7 @@
 #include "param_scan.h"
 
 #include "object_prefetch.h"
+#include "parallel_tensors.h"
 
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -152,14 +153,61 @@ void ParamScan::prefetch(size_t begin, size_t end) const {
   }
 }
 
+bool ParamScan::unchanged_at(size_t i) {
+  const Entry& entry = entries_[i];
+  // The TensorImpl first: a recorded one passed observe's checks, and no Python dispatch means
+  // that its sizes and strides are its own fields, not a subclass's code.
+  const c10::TensorImpl* impl = impl_of(entry.object.ptr());
+  if (impl != entry.impl || impl->is_python_dispatch() ||
+      !same_tensor(THPVariable_Unpack(entry.object.ptr()), entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
+    return false;
+  }
+  const at::Tensor& g = impl->grad();
+  if (g.defined() != entry.has_grad) {
+    return false;
+  }
+  if (!g.defined()) {
+    grad_addresses_[i] = nullptr;
+    return true;
+  }
+  if (entry.grad_relaid || entry.grad_layout != c10::kStrided || g.unsafeGetTensorImpl()->is_python_dispatch() ||
+      g.layout() != c10::kStrided || g.scalar_type() != entry.grad_dtype || g.device() != entry.grad_device ||
+      !entry.grad_geometry.matches(g)) {
+    return false;
+  }
+  grad_addresses_[i] = g.data_ptr();
+  return true;
+}
+
+bool ParamScan::unchanged_in(size_t begin, size_t end) {
+  try {
+    for (size_t block = begin; block < end; block += kPrefetchBlock) {
+      const size_t block_end = std::min(end, block + kPrefetchBlock);
+      prefetch(block, block_end);
+      for (size_t i = block; i < block_end; ++i) {
+        if (!unchanged_at(i)) {
+          return false;
+        }
+      }
+    }
+  } catch (...) {  // (a tensor whose data cannot be read: observe raises its error on this thread)
+    return false;
+  }
+  return true;
+}
+
 bool ParamScan::scan(const py::list& param_lists, bool hold) {
   bool changed = !finished_ || generation_ == 0 || !same_members(param_lists);
+  grad_addresses_.resize(entries_.size());
+  // The common step, in parallel: nothing changed, and no gradient is to be held (nor is one held
+  // from before: dropping it is observe's, on this thread).
+  const bool unchanged = !changed && !hold && !holds_grads_ &&
+      all_ranges(entries_.size(), [this](size_t begin, size_t end) { return unchanged_in(begin, end); });
   finished_ = false;
   python_may_have_run_ = false;
   holds_grads_ = true;  // (until it is known: a scan that raises may have taken some)
   bool holds = false;
-  grad_addresses_.resize(entries_.size());
-  for (size_t begin = 0; begin < entries_.size(); begin += kPrefetchBlock) {
+  for (size_t begin = 0; !unchanged && begin < entries_.size(); begin += kPrefetchBlock) {
     const size_t end = std::min(entries_.size(), begin + kPrefetchBlock);
     prefetch(begin, end);
     for (size_t i = begin; i < end; ++i) {

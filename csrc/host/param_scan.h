@@ -147,6 +147,12 @@ class ParamScan {
 
   bool same_members(const pybind11::list& param_lists) const;
   void prefetch(size_t begin, size_t end) const;
+  // The scan of a step where nothing changed, on the intra-op threads (parallel_tensors.h): true
+  // if every entry in [begin, end) is as recorded and needs nothing observe does beyond reading
+  // (no copy, no Python, no reference held), with each gradient's address written. Reads only,
+  // so where it returns false the full loop of observe runs instead, over every entry.
+  bool unchanged_in(size_t begin, size_t end);
+  bool unchanged_at(size_t i);
   // Records the state of the parameter at `i` and its gradient in its entry and the gradient's
   // address (or nullptr) in grad_addresses_[i]; true if either differs from what was recorded.
   bool observe(size_t i, bool& hold);
