@@ -61,8 +61,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def two_threads():
     """At least two intra-op threads for the test, so that the native backend's host loops over a
-    step's tensors (csrc/host/parallel_tensors.h) split models of more than a few hundred tensors
-    between threads, on a machine of any size."""
+    step's tensors share models of more than a few chunks of tensors with a helper thread
+    (csrc/host/parallel_tensors.h), on a machine of any size."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     yield

@@ -28,17 +28,20 @@ def _grad_like(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 and not p.is_contiguous() else g
 
 
-# Parameters without gradients put first in the model when it is "many": the changed ones then lie in
-# the last of the ranges that the native scan splits between threads (csrc/host/parallel_tensors.h).
-PADDING = {"few": 0, "many": 600}
+# Parameters without gradients added to the model when it is "many", before or after the changed
+# ones: these then lie in the last or the first chunk of the loop that the native scan shares
+# with a helper thread (csrc/host/parallel_tensors.h).
+PADDING = {"few": (0, "before"), "many, changed last": (600, "before"), "many, changed first": (600, "after")}
 
 
-def _setup(backend: str, padding: int = 0):
+def _setup(backend: str, padding: tuple[int, str] = (0, "before")):
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     params[0].data = params[0].data.contiguous(memory_format=torch.channels_last)
-    unused = [torch.nn.Parameter(torch.zeros(2)) for _ in range(padding)]
-    groups = [dict(params=unused + params[:2], rho=0.1), dict(params=params[2:], rho=0.2, adaptive=True)]
+    count, where = padding
+    unused = [torch.nn.Parameter(torch.zeros(2)) for _ in range(count)]
+    first = unused + params[:2] if where == "before" else params[:2] + unused
+    groups = [dict(params=first, rho=0.1), dict(params=params[2:], rho=0.2, adaptive=True)]
     return params, FriendlySAM(groups, PlainSGD, lr=0.05, sigma=1.0, lmbda=0.6, backend=backend)
 
 
@@ -84,7 +87,7 @@ def replans(monkeypatch):
     return count
 
 
-def _run(backend, change, replans, padding=0):
+def _run(backend, change, replans, padding=(0, "before")):
     """Two steps, an unchanged one, the change, two steps in the changed configuration; the
     number of re-plans before the unchanged step, before the change, and at the end."""
     params, opt = _setup(backend, padding)

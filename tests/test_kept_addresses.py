@@ -21,7 +21,7 @@ from tests.warm_steps import random_grads, warm_up
 
 SHAPES = [(3, 4), (5,), (2, 2, 2), ()]
 # More parameters than the native loops over them work ahead (prefetch distances, blocks), and enough
-# that they split them between threads (csrc/host/parallel_tensors.h; with the two_threads fixture).
+# that they share them with a helper thread (csrc/host/parallel_tensors.h; with the two_threads fixture).
 MANY_SHAPES = [(3,), (2, 2), ()] * 200
 
 
@@ -63,7 +63,7 @@ def _swapped(params):
 
 
 def _last_new_storage(params):
-    _new_storage(params[-1:])  # (in the last of the ranges that threads check)
+    _new_storage(params[-1:])  # (in the last of the chunks that the threads share)
     return params
 
 
@@ -137,10 +137,14 @@ def test_an_unchanged_step_bumps_the_version_autograd_checks(backend, phase, sha
         opt.first_step(zero_grad=True)
         random_grads(params, gen)
     versions = [p._version for p in params]
+    momentum = [opt.state[p]["momentum"] for p in params]
+    momentum_versions = [m._version for m in momentum]
     with torch.enable_grad():
         saved = sum((p * p).sum() for p in params)  # saves every parameter for its backward
     getattr(opt, phase)()
     assert all(p._version > v for p, v in zip(params, versions, strict=True))
+    if phase == "first_step":  # (the momentum's EMA: its views share one counter, bumped once)
+        assert all(m._version > v for m, v in zip(momentum, momentum_versions, strict=True))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
 

@@ -29,7 +29,8 @@ PYBIND11_MODULE(_C, m) {
       .def("grads", &ParamScan::grads, py::arg("positions"))
       .def("grad_addresses", &ParamScan::grad_addresses_at, py::arg("positions"))
       .def("release", &ParamScan::release)
-      .def("watch", &ParamScan::watch, py::arg("tensors"));
+      .def("watch", &ParamScan::watch, py::arg("tensors"))
+      .def_property_readonly("entries_observed", &ParamScan::entries_observed);
   m.def("zero_grads", &fsam_fused::host::zero_grads, py::arg("param_lists"));
 
   // The op calls keep the GIL: they borrow the parameters' tensors from their Python objects

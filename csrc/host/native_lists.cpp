@@ -14,6 +14,7 @@
 #include "cpu_scalar.h"
 
 #include <algorithm>
+#include <atomic>
 #include <unordered_set>
 #include <utility>
 
@@ -340,10 +341,10 @@ const cpu::FlatLists& NativeLists::with_grads(const ParamScan& scan) const {
 
 bool NativeLists::params_unchanged() const {
   // Safe without a reference to each parameter because the call holds the GIL (module.cpp):
-  // nothing can swap or free what their Python objects hold until it returns. Reads only, on the
-  // intra-op threads (parallel_tensors.h); a parameter whose TensorImpl was not kept is not read
-  // further (same_tensor compares it first), so no subclass's code runs there.
-  return all_ranges(params_.size(), [this](size_t begin, size_t end) { return params_unchanged_in(begin, end); });
+  // nothing can swap or free what their Python objects hold until it returns. Reads only, shared
+  // with the helper thread (parallel_tensors.h); a parameter whose TensorImpl was not kept is not
+  // read further (same_tensor compares it first), so no subclass's code runs there.
+  return all_chunks(params_.size(), [this](size_t begin, size_t end) { return params_unchanged_in(begin, end); });
 }
 
 bool NativeLists::params_unchanged_in(size_t begin, size_t end) const {
@@ -371,12 +372,17 @@ bool NativeLists::params_unchanged_in(size_t begin, size_t end) const {
 }
 
 void NativeLists::bump_param_versions() const {
-  // On the intra-op threads: a bump is one atomic increment. A parameter without a version
+  // Shared with the helper thread: a bump is one atomic increment. A parameter without a version
   // counter (an inference tensor) is left to this thread, where bumping it refuses or not by the
   // caller's inference mode, as autograd's fallback would.
-  const bool all_counted =
-      all_ranges(params_.size(), [this](size_t begin, size_t end) { return bump_param_versions_in(begin, end); });
-  if (!all_counted) {
+  std::atomic<bool> all_counted{true};
+  all_chunks(params_.size(), [&](size_t begin, size_t end) {
+    if (!bump_param_versions_in(begin, end)) {
+      all_counted.store(false, std::memory_order_relaxed);
+    }
+    return true;  // (every chunk is bumped)
+  });
+  if (!all_counted.load()) {
     for (const pybind11::object& p : params_) {
       const at::Tensor& param = THPVariable_Unpack(p.ptr());
       if (!param.unsafeGetTensorImpl()->version_counter().enabled()) {

@@ -4,6 +4,7 @@
 #include "parallel_tensors.h"
 
 #include <ATen/ops/empty_like.h>
+#include <c10/core/impl/COW.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
@@ -172,8 +173,9 @@ bool ParamScan::unchanged_at(size_t i) {
   }
   if (entry.grad_relaid || entry.grad_layout != c10::kStrided || g.unsafeGetTensorImpl()->is_python_dispatch() ||
       g.layout() != c10::kStrided || g.scalar_type() != entry.grad_dtype || g.device() != entry.grad_device ||
-      !entry.grad_geometry.matches(g)) {
-    return false;
+      !entry.grad_geometry.matches(g) || !g.unsafeGetTensorImpl()->has_storage() ||
+      c10::impl::cow::is_cow_data_ptr(g.unsafeGetTensorImpl()->unsafe_storage().data_ptr())) {
+    return false;  // (a lazy copy-on-write gradient: observe's data_ptr() materializes it, on the caller's thread)
   }
   grad_addresses_[i] = g.data_ptr();
   return true;
@@ -190,7 +192,7 @@ bool ParamScan::unchanged_in(size_t begin, size_t end) {
         }
       }
     }
-  } catch (...) {  // (a tensor whose data cannot be read: observe raises its error on this thread)
+  } catch (...) {  // (a tensor whose data cannot be read: observe raises its error on the caller's thread)
     return false;
   }
   return true;
@@ -202,11 +204,12 @@ bool ParamScan::scan(const py::list& param_lists, bool hold) {
   // The common step, in parallel: nothing changed, and no gradient is to be held (nor is one held
   // from before: dropping it is observe's, on this thread).
   const bool unchanged = !changed && !hold && !holds_grads_ &&
-      all_ranges(entries_.size(), [this](size_t begin, size_t end) { return unchanged_in(begin, end); });
+      all_chunks(entries_.size(), [this](size_t begin, size_t end) { return unchanged_in(begin, end); });
   finished_ = false;
   python_may_have_run_ = false;
   holds_grads_ = true;  // (until it is known: a scan that raises may have taken some)
   bool holds = false;
+  entries_observed_ = unchanged ? 0 : entries_.size();
   for (size_t begin = 0; !unchanged && begin < entries_.size(); begin += kPrefetchBlock) {
     const size_t end = std::min(entries_.size(), begin + kPrefetchBlock);
     prefetch(begin, end);

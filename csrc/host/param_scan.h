@@ -115,6 +115,12 @@ class ParamScan {
   // compare: `.data = t` on one is a change, so the optimizer re-plans and adopts it.
   void watch(const pybind11::list& tensors);
 
+  // How many entries the last scan ran its full check (observe) on: none where the step was
+  // unchanged and the shared read-only loop (unchanged_in) served, all where anything differed.
+  size_t entries_observed() const {
+    return entries_observed_;
+  }
+
   // Identifies what the last scan saw: the same (id, generation) means nothing changed since.
   uint64_t id() const {
     return id_;
@@ -147,7 +153,7 @@ class ParamScan {
 
   bool same_members(const pybind11::list& param_lists) const;
   void prefetch(size_t begin, size_t end) const;
-  // The scan of a step where nothing changed, on the intra-op threads (parallel_tensors.h): true
+  // The scan of a step where nothing changed, shared with a helper thread (parallel_tensors.h): true
   // if every entry in [begin, end) is as recorded and needs nothing observe does beyond reading
   // (no copy, no Python, no reference held), with each gradient's address written. Reads only,
   // so where it returns false the full loop of observe runs instead, over every entry.
@@ -173,6 +179,7 @@ class ParamScan {
   bool finished_ = true;  // false while a scan runs, and after one that raised
   bool released_ = true;  // no scan yet, or release() since the last
   bool python_may_have_run_ = false;
+  size_t entries_observed_ = 0;
   uint64_t id_;
   uint64_t generation_ = 0;
 };
