@@ -64,9 +64,6 @@ struct Helper {
   // It sleeps as soon as a call is done, not spinning for the next: the step's kernels run on
   // torch's threads between its calls, and a spinning helper would hold a core they wait for.
   void loop() {
-    sigset_t all;  // (signals are for the threads that handle them: Python's, the caller's)
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
     uint64_t seen = 0;
     for (;;) {
       {
@@ -113,9 +110,23 @@ Helper* helper() {
     return nullptr;
   }
   h = new Helper();
+  // Started with the asynchronous signals blocked (a new thread inherits the mask): they are for
+  // the threads that handle them, Python's. A fault of its own still reaches faulthandler.
+  sigset_t blocked;
+  sigset_t before;
+  sigfillset(&blocked);
+  for (const int fault : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) {
+    sigdelset(&blocked, fault);
+  }
+  pthread_sigmask(SIG_BLOCK, &blocked, &before);
+  bool started = true;
   try {
     std::thread(&Helper::loop, h).detach();
   } catch (const std::system_error&) {
+    started = false;
+  }
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  if (!started) {
     delete h;
     return nullptr;
   }
@@ -123,12 +134,12 @@ Helper* helper() {
   return h;
 }
 
-// Ends a call's job however the caller leaves it: no chunk is taken after this, and the helper's
-// running chunk (if any) has finished, so the job and everything its chunks read may go.
+// Ends a call's job however the caller leaves it: the helper takes no new chunk after this and
+// its running chunk (if any) has finished, so the job and everything its chunks read may go.
 struct CloseJob {
   Helper* h;
   ~CloseJob() {
-    h->open.store(nullptr);
+    h->open.store(nullptr);  // (a helper already in the job stops when no chunk is left)
     for (int spins = 0; h->active.load() != 0; ++spins) {
       if (spins > 64) {
         std::this_thread::yield();  // (the helper may share this core: let it finish its chunk)
@@ -152,7 +163,12 @@ bool all_chunks(size_t n, c10::function_ref<bool(size_t, size_t)> f) {
   {
     const CloseJob close{h};
     h->post();
-    job.run();
+    try {
+      job.run();
+    } catch (...) {
+      job.next.store(n);  // (so the helper takes no more chunks while this unwinds)
+      throw;
+    }
   }
   if (job.error) {
     std::rethrow_exception(job.error);
