@@ -96,7 +96,7 @@ bool ParamScan::observe(size_t i, bool& hold) {
     entry.grad = g;  // the optimizer rejects it with a message when it re-plans
     return changed;
   }
-  if (g.scalar_type() != entry.grad_dtype || g.device() != entry.grad_device || !entry.grad_geometry.matches(g)) {
+  if (!entry.grad_as_recorded(g)) {
     changed = true;
     entry.grad_dtype = g.scalar_type();
     entry.grad_device = g.device();
@@ -156,10 +156,10 @@ void ParamScan::prefetch(size_t begin, size_t end) const {
 
 bool ParamScan::unchanged_at(size_t i) {
   const Entry& entry = entries_[i];
-  // The TensorImpl first: a recorded one passed observe's checks, and no Python dispatch means
-  // that its sizes and strides are its own fields, not a subclass's code.
+  // No Python dispatch, so that its sizes and strides are its own fields, not a subclass's code;
+  // same_tensor compares the TensorImpl with the recorded one (which passed observe's checks) first.
   const c10::TensorImpl* impl = impl_of(entry.object.ptr());
-  if (impl != entry.impl || impl->is_python_dispatch() ||
+  if (impl->is_python_dispatch() ||
       !same_tensor(THPVariable_Unpack(entry.object.ptr()), entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
     return false;
   }
@@ -172,8 +172,7 @@ bool ParamScan::unchanged_at(size_t i) {
     return true;
   }
   if (entry.grad_relaid || entry.grad_layout != c10::kStrided || g.unsafeGetTensorImpl()->is_python_dispatch() ||
-      g.layout() != c10::kStrided || g.scalar_type() != entry.grad_dtype || g.device() != entry.grad_device ||
-      !entry.grad_geometry.matches(g) || !g.unsafeGetTensorImpl()->has_storage() ||
+      g.layout() != c10::kStrided || !entry.grad_as_recorded(g) || !g.unsafeGetTensorImpl()->has_storage() ||
       c10::impl::cow::is_cow_data_ptr(g.unsafeGetTensorImpl()->unsafe_storage().data_ptr())) {
     return false;  // (a lazy copy-on-write gradient: observe's data_ptr() materializes it, on the caller's thread)
   }

@@ -148,6 +148,10 @@ class ParamScan {
     c10::Device grad_device = c10::Device(c10::DeviceType::CPU);
     Geometry grad_geometry;
     bool grad_relaid = false;  // copied into the parameter's layout (other strides)
+    // Whether strided `g` has the dtype, device, shape and strides recorded for the gradient.
+    bool grad_as_recorded(const at::Tensor& g) const {
+      return g.scalar_type() == grad_dtype && g.device() == grad_device && grad_geometry.matches(g);
+    }
     at::Tensor grad;  // held from scan() to release() (see scan's `hold`)
   };
 
