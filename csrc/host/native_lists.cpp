@@ -14,7 +14,6 @@
 #include "cpu_scalar.h"
 
 #include <algorithm>
-#include <atomic>
 #include <unordered_set>
 #include <utility>
 
@@ -65,11 +64,35 @@ void bump_versions(const std::vector<at::Tensor>& tensors) {
   }
 }
 
-// The same, through version counters kept from the tensors (the optimizer's own momentum and
-// backup views, which no one else can re-point).
+// The same, through version counters kept from the tensors: those of the optimizer's own momentum
+// and backup views, which no one else can re-point, and those of the parameters, which the caller
+// has just found unchanged (same_tensor compares their counters too). Over many small parameters
+// each counter is an allocation of its own, so a bump is a miss that an atomic update overlaps with
+// nothing: the counters kBumpAhead places ahead are asked for first. A tensor without a counter
+// (an inference tensor) is bumped last, where bump() refuses outside inference mode as
+// increment_version would, so the counted ones are bumped whatever it does.
 void bump(std::vector<c10::VariableVersion>& versions) {
-  for (c10::VariableVersion& version : versions) {
-    version.bump();
+  constexpr size_t kBumpAhead = 16;
+  for (size_t i = 0; i < std::min(versions.size(), kBumpAhead); ++i) {
+    prefetch_version_counter(versions[i]);
+  }
+  bool uncounted = false;
+  for (size_t i = 0; i < versions.size(); ++i) {
+    if (i + kBumpAhead < versions.size()) {
+      prefetch_version_counter(versions[i + kBumpAhead]);
+    }
+    if (versions[i].enabled()) {
+      versions[i].bump();
+    } else {
+      uncounted = true;
+    }
+  }
+  if (uncounted) {
+    for (c10::VariableVersion& version : versions) {
+      if (!version.enabled()) {
+        version.bump();
+      }
+    }
   }
 }
 
@@ -209,7 +232,7 @@ void NativeLists::perturb_(
     cpu::perturb_flat(
         with_grads(scan), coef.data_ptr<float>(), value_of(total_sq_norm), static_cast<float>(eps),
         unscale_of(inv_scale));
-    bump_param_versions();
+    bump(kept_->param_versions);
     bump(kept_->state_versions);
     return;
   }
@@ -260,7 +283,7 @@ std::pair<bool, std::optional<at::Tensor>> NativeLists::first_pass(
   {
     RECORD_FUNCTION("fsam_fused::perturb_", c10::ArrayRef<const c10::IValue>{});
     cpu::perturb_flat(lists, coef.data_ptr<float>(), total, static_cast<float>(eps), unscale);
-    bump_param_versions();
+    bump(kept_->param_versions);
     bump(kept_->state_versions);
   }
   return {false, cpu_scalar(total)};
@@ -273,7 +296,7 @@ void NativeLists::restore_() const {
   if (runs_flat() && still_kept(nullptr)) {
     RECORD_FUNCTION("fsam_fused::restore_", c10::ArrayRef<const c10::IValue>{});
     cpu::restore_flat(kept_->lists);
-    bump_param_versions();
+    bump(kept_->param_versions);
     return;
   }
   const BorrowedTensors params = params_now();
@@ -307,6 +330,7 @@ void NativeLists::keep(const BorrowedTensors& params, const ParamScan& scan) con
   for (const at::Tensor& p : params.tensors) {
     kept.impls.push_back(p.unsafeGetTensorImpl());
     kept.geometry.emplace_back().record(p);
+    kept.param_versions.push_back(p.unsafeGetTensorImpl()->version_counter());
   }
   // Each counter once: the momentum and backup views share their flat buffer's, and a bump says
   // "written" to autograd, which compares versions only for equality, as well as one per view
@@ -364,56 +388,11 @@ bool NativeLists::params_unchanged_in(size_t begin, size_t end) const {
   for (size_t i = begin; i < end; ++i) {
     if (!same_tensor(
             THPVariable_Unpack(params_[i].ptr()), kept.impls[i], kept.lists.params[i], kept.lists.dtypes[i], device_,
-            kept.geometry[i])) {
+            kept.geometry[i], counter_address(kept.param_versions[i]))) {
       return false;
     }
   }
   return true;
-}
-
-void NativeLists::bump_param_versions() const {
-  // Shared with the helper thread: a bump is one atomic increment. A parameter without a version
-  // counter (an inference tensor) is left to this thread, where bumping it refuses or not by the
-  // caller's inference mode, as autograd's fallback would.
-  std::atomic<bool> all_counted{true};
-  all_chunks(params_.size(), [&](size_t begin, size_t end) {
-    if (!bump_param_versions_in(begin, end)) {
-      all_counted.store(false, std::memory_order_relaxed);
-    }
-    return true;  // (every chunk is bumped)
-  });
-  if (!all_counted.load()) {
-    for (const pybind11::object& p : params_) {
-      const at::Tensor& param = THPVariable_Unpack(p.ptr());
-      if (!param.unsafeGetTensorImpl()->version_counter().enabled()) {
-        torch::autograd::increment_version(param);
-      }
-    }
-  }
-}
-
-bool NativeLists::bump_param_versions_in(size_t begin, size_t end) const {
-  // A bump is an atomic read-modify-write, which waits for its line and holds back the loads
-  // after it: over many small parameters, unprefetched, each is a miss that overlaps with no
-  // other. So the counters kBumpAhead places ahead are asked for first.
-  constexpr size_t kBumpAhead = 16;
-  const auto impl = [this](size_t i) { return THPVariable_Unpack(params_[i].ptr()).unsafeGetTensorImpl(); };
-  for (size_t i = begin; i < std::min(end, begin + kBumpAhead); ++i) {
-    prefetch_version_counter(impl(i));
-  }
-  bool all_counted = true;
-  for (size_t i = begin; i < end; ++i) {
-    if (i + kBumpAhead < end) {
-      prefetch_version_counter(impl(i + kBumpAhead));
-    }
-    c10::TensorImpl* param = impl(i);
-    if (param->version_counter().enabled()) {
-      param->bump_version();
-    } else {
-      all_counted = false;
-    }
-  }
-  return all_counted;
 }
 
 }  // namespace fsam_fused::host

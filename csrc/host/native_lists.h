@@ -90,15 +90,16 @@ class NativeLists {
   mutable Checked perturb_checked_;
 
   // The lists' addresses, taken after a full check at scan `kept_at_`, with what they were taken
-  // from: each parameter's TensorImpl and shape, and the distinct version counters of the
-  // momentum and backup views (the parameters' are bumped through the parameters, whatever they
-  // hold now).
+  // from: each parameter's TensorImpl, shape and version counter, and the distinct version
+  // counters of the momentum and backup views.
   // Kept only when each parameter is what the scan saw at that generation, so a later scan that
-  // sees no change vouches for the kept lists (first_pass).
+  // sees no change vouches for the kept lists (first_pass). A write on the kept lists bumps the
+  // kept counters: those of the parameters as the scan or params_unchanged() just found them.
   struct Kept {
     cpu::FlatLists lists;
     std::vector<const c10::TensorImpl*> impls;
     std::vector<Geometry> geometry;
+    std::vector<c10::VariableVersion> param_versions;
     std::vector<c10::VariableVersion> state_versions;
   };
   // The device of the lists: the backup's, which the optimizer allocates on its plan's device,
@@ -117,10 +118,6 @@ class NativeLists {
   bool still_kept(const ParamScan* scan) const;
   bool params_unchanged() const;
   bool params_unchanged_in(size_t begin, size_t end) const;
-  // Bumps the parameters' version counters, as the autograd fallback would (see bump_versions).
-  void bump_param_versions() const;
-  // Those of [begin, end) that have one; false if one had none.
-  bool bump_param_versions_in(size_t begin, size_t end) const;
   // Whether a call runs the CPU kernels on the kept lists rather than through the dispatcher.
   bool runs_flat() const;
   // The kept lists with this step's gradient addresses.

@@ -1,6 +1,6 @@
-// Prefetches of the objects behind a parameter, for the host loops over many tensors (the scan
-// and the kept lists' checks): each names the fields those loops read, so that an object that
-// straddles a cache-line boundary is fetched whole (see prefetch_bytes).
+// Prefetches of the objects behind a parameter, for the host loops over many tensors (the scan,
+// the kept lists' checks, the version bumps): each names the fields those loops read, so that an
+// object that straddles a cache-line boundary is fetched whole (see prefetch_bytes).
 #pragma once
 
 #include <c10/core/StorageImpl.h>
@@ -38,16 +38,20 @@ inline void prefetch_grad_slot(const c10::TensorImpl* impl) {
   }
 }
 
-// The version counter that a write to the tensor bumps, which views share with their base:
+// The version counter that a write to a tensor bumps, which views share with their base:
 // VariableVersion's one member is the pointer to it (null for inference tensors).
-inline const void* version_counter_address(const c10::TensorImpl* impl) {
+inline const void* counter_address(const c10::VariableVersion& version) {
   static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is no longer one pointer");
-  return *reinterpret_cast<const void* const*>(&impl->version_counter());
+  return *reinterpret_cast<const void* const*>(&version);
+}
+
+inline const void* version_counter_address(const c10::TensorImpl* impl) {
+  return counter_address(impl->version_counter());
 }
 
 // (What the counter points to is 24 bytes: its vtable pointer, refcounts and the version.)
-inline void prefetch_version_counter(const c10::TensorImpl* impl) {
-  const void* counter = version_counter_address(impl);
+inline void prefetch_version_counter(const c10::VariableVersion& version) {
+  const void* counter = counter_address(version);
   if (counter != nullptr) {
     prefetch_bytes(counter, 24);
   }

@@ -1,4 +1,4 @@
-// The host loops over a step's tensors (the scan, the kept lists' check, the version bumps) shared
+// The host loops over a step's tensors (the scan, the kept lists' check) shared
 // with one helper thread. Over many small tensors those loops wait on memory: each tensor is a
 // chain of dependent loads (its Python object, TensorImpl, storage, autograd metadata) that
 // prefetching overlaps only as far as one core's outstanding misses allow, and a second core
@@ -13,7 +13,7 @@
 // It waits only for a chunk the helper is running (a few microseconds), and a forked child
 // starts its own helper.
 //
-// Only reads and atomic increments run on the helper, while the calling thread holds the GIL and
+// Only reads run on the helper, while the calling thread holds the GIL and
 // waits for it: nothing there may reach Python, take or drop a reference to a tensor (dropping
 // the last one could free a Python object), materialize a lazy copy-on-write storage (a write
 // to memory that the calling thread may read), or depend on thread-local state (grad, inference

@@ -66,7 +66,7 @@ bool ParamScan::observe(size_t i, bool& hold) {
   const at::Tensor& p = THPVariable_Unpack(entry.object.ptr());
   bool changed = false;
   address = nullptr;
-  if (!same_tensor(p, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
+  if (!same_tensor(p, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry, entry.version_counter)) {
     changed = true;
     const void* data = p.unsafeGetTensorImpl()->data();  // (first: it throws for a tensor without storage)
     entry.impl = p.unsafeGetTensorImpl();
@@ -74,6 +74,7 @@ bool ParamScan::observe(size_t i, bool& hold) {
     entry.dtype = p.scalar_type();
     entry.device = p.device();
     entry.geometry.record(p);
+    entry.version_counter = version_counter_address(entry.impl);
   }
   // (Through the TensorImpl: Tensor::grad() also asks autograd whether p is a leaf, to warn.)
   const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
@@ -160,7 +161,9 @@ bool ParamScan::unchanged_at(size_t i) {
   // same_tensor compares the TensorImpl with the recorded one (which passed observe's checks) first.
   const c10::TensorImpl* impl = impl_of(entry.object.ptr());
   if (impl->is_python_dispatch() ||
-      !same_tensor(THPVariable_Unpack(entry.object.ptr()), entry.impl, entry.data, entry.dtype, entry.device, entry.geometry)) {
+      !same_tensor(
+          THPVariable_Unpack(entry.object.ptr()), entry.impl, entry.data, entry.dtype, entry.device, entry.geometry,
+          entry.version_counter)) {
     return false;
   }
   const at::Tensor& g = impl->grad();
@@ -242,7 +245,7 @@ bool ParamScan::scan(const py::list& param_lists, bool hold) {
 
 bool ParamScan::saw(int64_t position, const at::Tensor& t) const {
   const Entry& entry = entries_.at(position);
-  return same_tensor(t, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry);
+  return same_tensor(t, entry.impl, entry.data, entry.dtype, entry.device, entry.geometry, entry.version_counter);
 }
 
 std::vector<std::optional<at::Tensor>> ParamScan::grads(const std::vector<int64_t>& positions) const {

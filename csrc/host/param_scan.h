@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../prefetch.h"
+#include "object_prefetch.h"
 
 namespace fsam_fused::host {
 
@@ -41,19 +42,21 @@ struct Geometry {
   }
 };
 
-// Whether `t` is still the tensor recorded as (impl, data, dtype, device, geometry): the same
-// TensorImpl, data address, dtype, device, shape and strides. The one test of "unchanged" for a
-// parameter, whether the scan's entry or a kept list recorded it.
+// Whether `t` is still the tensor recorded as (impl, data, dtype, device, geometry, counter): the
+// same TensorImpl, data address, dtype, device, shape, strides and version counter (the one a
+// write to it bumps: NativeLists bumps the counters it kept, not through the parameters). The one
+// test of "unchanged" for a parameter, whether the scan's entry or a kept list recorded it.
 inline bool same_tensor(
     const at::Tensor& t,
     const c10::TensorImpl* impl,
     const void* data,
     c10::ScalarType dtype,
     c10::Device device,
-    const Geometry& geometry) {
+    const Geometry& geometry,
+    const void* counter) {
   const c10::TensorImpl* now = t.unsafeGetTensorImpl();
   return now == impl && now->data() == data && t.scalar_type() == dtype && t.device() == device &&
-      geometry.matches(t);
+      geometry.matches(t) && version_counter_address(now) == counter;
 }
 
 // Most of a step's host time over many small tensors is waiting for memory: each parameter is a
@@ -86,7 +89,7 @@ class ParamScan {
   }
 
   // Whether `t` is what the last scan saw at `position`: the same TensorImpl, data, dtype,
-  // device, shape and strides.
+  // device, shape, strides and version counter.
   bool saw(int64_t position, const at::Tensor& t) const;
 
   // This step's gradients (laid out like their parameters) at `positions`; nullopt where none.
@@ -142,6 +145,7 @@ class ParamScan {
     c10::ScalarType dtype = c10::ScalarType::Undefined;
     c10::Device device = c10::Device(c10::DeviceType::CPU);
     Geometry geometry;
+    const void* version_counter = nullptr;
     bool has_grad = false;
     c10::Layout grad_layout = c10::kStrided;
     c10::ScalarType grad_dtype = c10::ScalarType::Undefined;
